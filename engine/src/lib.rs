@@ -1,0 +1,13 @@
+//! wsgate: a WebSocket gateway whose security is policy, not code.
+//!
+//! The library holds everything; the `wsgate` binary only parses its command line and calls
+//! in. [`policy`] turns a policy directory into one immutable, compiled [`policy::Policy`] and
+//! evaluates it; [`close`] is the one mapping from outcomes to what clients see; [`cli`]
+//! defines the command line and runs its commands.
+#![forbid(unsafe_code)]
+#![deny(missing_docs, rust_2018_idioms)]
+
+pub mod cli;
+pub mod close;
+pub mod policy;
+pub mod token;

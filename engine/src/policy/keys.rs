@@ -1,0 +1,284 @@
+//! JWT keys and verification settings, loaded from the policy (`auth.jwt`).
+//!
+//! Keys are loaded when the policy compiles, so a missing secret or an unreadable key file
+//! refuses the policy instead of every handshake. HMAC and public-key algorithms never mix in
+//! one policy: a verifier that accepts HS256 next to a public key is the classic algorithm
+//! confusion (an attacker signs with the public key as an HMAC secret).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+/// Shortest HMAC secret accepted, in bytes (RFC 7518 §3.2: at least the hash size).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The keys a policy verifies tokens with.
+pub enum KeySet {
+    /// One shared HMAC secret.
+    Secret(DecodingKey),
+    /// One public key from a PEM file.
+    Public(DecodingKey),
+    /// A JWKS: tokens name their key with `kid`; a set of one key also serves tokens without.
+    Jwks(Vec<(Option<String>, DecodingKey)>),
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key material.
+        match self {
+            KeySet::Secret(_) => f.write_str("KeySet::Secret(..)"),
+            KeySet::Public(_) => f.write_str("KeySet::Public(..)"),
+            KeySet::Jwks(keys) => write!(f, "KeySet::Jwks({} keys)", keys.len()),
+        }
+    }
+}
+
+/// Verifies tokens under one policy.
+#[derive(Debug)]
+pub struct JwtVerifier {
+    /// The keys.
+    pub keys: KeySet,
+    /// Algorithms, leeway, issuer, audience and required claims.
+    pub validation: Validation,
+}
+
+/// Why a token was refused. Every variant maps to HTTP 401; the text is safe to show a client
+/// (it never contains the token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not a JWT, or claims that are not JSON.
+    Malformed,
+    /// The signature does not match any key.
+    BadSignature,
+    /// An algorithm the policy does not allow, or one that does not fit the key.
+    WrongAlgorithm,
+    /// `exp` is in the past.
+    Expired,
+    /// `nbf` is in the future.
+    NotYetValid,
+    /// `iss` is not the policy's issuer.
+    WrongIssuer,
+    /// `aud` is not the policy's audience.
+    WrongAudience,
+    /// A claim the policy requires is missing.
+    MissingClaim,
+    /// The token names a key (`kid`) the JWKS does not hold.
+    UnknownKey,
+}
+
+impl TokenError {
+    /// A short reason for the response body and the decision log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed token",
+            TokenError::BadSignature => "bad signature",
+            TokenError::WrongAlgorithm => "algorithm not allowed",
+            TokenError::Expired => "token expired",
+            TokenError::NotYetValid => "token not yet valid",
+            TokenError::WrongIssuer => "wrong issuer",
+            TokenError::WrongAudience => "wrong audience",
+            TokenError::MissingClaim => "missing required claim",
+            TokenError::UnknownKey => "unknown signing key",
+        }
+    }
+}
+
+impl JwtVerifier {
+    /// Verifies a token's signature and standard claims, returning its claims.
+    pub fn verify(&self, token: &str) -> Result<serde_json::Value, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(classify)?;
+        if !self.validation.algorithms.contains(&header.alg) {
+            return Err(TokenError::WrongAlgorithm);
+        }
+        let key = match &self.keys {
+            KeySet::Secret(key) | KeySet::Public(key) => key,
+            KeySet::Jwks(keys) => match (&header.kid, keys.as_slice()) {
+                (Some(kid), _) => {
+                    &keys.iter().find(|(k, _)| k.as_deref() == Some(kid)).ok_or(TokenError::UnknownKey)?.1
+                }
+                (None, [(_, only)]) => only,
+                (None, _) => return Err(TokenError::UnknownKey),
+            },
+        };
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation).map_err(classify)?;
+        if !data.claims.is_object() {
+            return Err(TokenError::Malformed);
+        }
+        Ok(data.claims)
+    }
+}
+
+fn classify(e: jsonwebtoken::errors::Error) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidSignature => TokenError::BadSignature,
+        K::InvalidAlgorithm | K::InvalidAlgorithmName | K::UnsupportedAlgorithm => TokenError::WrongAlgorithm,
+        K::ExpiredSignature => TokenError::Expired,
+        K::ImmatureSignature => TokenError::NotYetValid,
+        K::InvalidIssuer => TokenError::WrongIssuer,
+        K::InvalidAudience => TokenError::WrongAudience,
+        K::MissingRequiredClaim(_) => TokenError::MissingClaim,
+        _ => TokenError::Malformed,
+    }
+}
+
+/// What `auth.jwt` says, resolved against the environment and the file system.
+pub struct JwtSettings<'a> {
+    /// Algorithm names as written.
+    pub algorithms: &'a [String],
+    /// Environment variable of the HMAC secret, if the policy names one.
+    pub secret_env: Option<&'a str>,
+    /// Whether `secret_env` was written in the file rather than defaulted.
+    pub secret_env_written: bool,
+    /// PEM public key path, if any.
+    pub public_key_file: Option<&'a str>,
+    /// JWKS path, if any.
+    pub jwks_file: Option<&'a str>,
+    /// Issuer to require.
+    pub issuer: Option<&'a str>,
+    /// Audience to require.
+    pub audience: Option<&'a str>,
+    /// Leeway in seconds.
+    pub leeway_secs: u64,
+    /// Claims every token must carry.
+    pub required_claims: &'a [String],
+}
+
+/// Which setting a key problem is about, so the error points at the right key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyField {
+    /// `auth.jwt.algorithms`.
+    Algorithms,
+    /// `auth.jwt.secret_env`.
+    SecretEnv,
+    /// `auth.jwt.public_key_file`.
+    PublicKeyFile,
+    /// `auth.jwt.jwks_file`.
+    JwksFile,
+}
+
+/// Builds the verifier. `secret_lookup` reads an environment variable (injected so that
+/// `serve --dev` can supply an ephemeral secret and tests need no process environment);
+/// `read_file` reads a key file relative to the policy directory and records it for the
+/// policy's content hash.
+pub fn load(
+    settings: &JwtSettings<'_>,
+    secret_lookup: &dyn Fn(&str) -> Option<String>,
+    read_file: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>,
+) -> Result<JwtVerifier, (KeyField, String)> {
+    let mut algorithms = Vec::new();
+    for name in settings.algorithms {
+        let alg = Algorithm::from_str(name).map_err(|_| {
+            (KeyField::Algorithms, format!("unknown algorithm `{name}` (HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"))
+        })?;
+        if !algorithms.contains(&alg) {
+            algorithms.push(alg);
+        }
+    }
+    if algorithms.is_empty() {
+        return Err((KeyField::Algorithms, "at least one algorithm is required".into()));
+    }
+    let hmac = |a: &Algorithm| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+    let any_hmac = algorithms.iter().any(hmac);
+    let any_public = algorithms.iter().any(|a| !hmac(a));
+    if any_hmac && any_public {
+        return Err((KeyField::Algorithms, "HMAC (HS*) and public-key algorithms cannot be mixed: a verifier that accepts both is open to algorithm confusion".into()));
+    }
+    let keys = if any_hmac {
+        if settings.public_key_file.is_some() {
+            return Err((KeyField::PublicKeyFile, "an HMAC algorithm is never allowed with a public key".into()));
+        }
+        if settings.jwks_file.is_some() {
+            return Err((KeyField::JwksFile, "an HMAC algorithm is never allowed with a JWKS".into()));
+        }
+        let var = settings.secret_env.ok_or((
+            KeyField::SecretEnv,
+            "HMAC algorithms need `secret_env`, the environment variable holding the secret".to_string(),
+        ))?;
+        let secret = secret_lookup(var)
+            .filter(|s| !s.is_empty())
+            .ok_or((KeyField::SecretEnv, format!("environment variable {var} is not set")))?;
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err((
+                KeyField::SecretEnv,
+                format!("the secret in {var} is {} bytes; at least {MIN_SECRET_BYTES} are required", secret.len()),
+            ));
+        }
+        KeySet::Secret(DecodingKey::from_secret(secret.as_bytes()))
+    } else {
+        if settings.secret_env_written {
+            return Err((
+                KeyField::SecretEnv,
+                "`secret_env` is for HMAC algorithms; this policy allows only public-key algorithms".into(),
+            ));
+        }
+        match (settings.public_key_file, settings.jwks_file) {
+            (Some(_), Some(_)) => {
+                return Err((KeyField::JwksFile, "give `public_key_file` or `jwks_file`, not both".into()));
+            }
+            (None, None) => {
+                return Err((
+                    KeyField::Algorithms,
+                    "public-key algorithms need `public_key_file` or `jwks_file`".into(),
+                ));
+            }
+            (Some(path), None) => {
+                let pem = read_file(path).map_err(|e| (KeyField::PublicKeyFile, e))?;
+                KeySet::Public(pem_key(&algorithms, &pem).map_err(|e| (KeyField::PublicKeyFile, e))?)
+            }
+            (None, Some(path)) => {
+                let text = read_file(path).map_err(|e| (KeyField::JwksFile, e))?;
+                let set: JwkSet =
+                    serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, format!("not a JWKS: {e}")))?;
+                let mut keys = Vec::new();
+                for jwk in &set.keys {
+                    let key =
+                        DecodingKey::from_jwk(jwk).map_err(|e| (KeyField::JwksFile, format!("unusable key: {e}")))?;
+                    keys.push((jwk.common.key_id.clone(), key));
+                }
+                if keys.is_empty() {
+                    return Err((KeyField::JwksFile, "the JWKS holds no keys".into()));
+                }
+                KeySet::Jwks(keys)
+            }
+        }
+    };
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms;
+    validation.leeway = settings.leeway_secs;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.required_spec_claims = settings.required_claims.iter().cloned().collect::<HashSet<_>>();
+    if let Some(iss) = settings.issuer {
+        validation.set_issuer(&[iss]);
+    }
+    match settings.audience {
+        Some(aud) => validation.set_audience(&[aud]),
+        None => validation.validate_aud = false,
+    }
+    Ok(JwtVerifier { keys, validation })
+}
+
+fn pem_key(algorithms: &[Algorithm], pem: &[u8]) -> Result<DecodingKey, String> {
+    use jsonwebtoken::AlgorithmFamily as F;
+    if algorithms.iter().any(|a| a.family() != algorithms[0].family()) {
+        return Err("one public key cannot serve algorithms of different families (RSA, EC, Ed)".into());
+    }
+    let key = match algorithms[0].family() {
+        F::Rsa => DecodingKey::from_rsa_pem(pem),
+        F::Ec => DecodingKey::from_ec_pem(pem),
+        F::Ed => DecodingKey::from_ed_pem(pem),
+        F::Hmac => return Err("HMAC algorithms take a secret, not a public key".into()),
+    };
+    key.map_err(|e| format!("not a usable PEM public key: {e}"))
+}
+
+/// Resolves a key file path: absolute as written, or relative to the policy directory.
+pub fn key_path(dir: &Path, path: &str) -> std::path::PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
+}

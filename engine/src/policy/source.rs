@@ -1,0 +1,130 @@
+//! Reading a policy directory from disk: which files are part of a policy and which are not.
+//!
+//! A policy directory holds policy documents (`*.yaml` at its top), JSON Schemas
+//! (`schemas/*.json`) and policy tests (`tests/*.yaml`). Dot-files and editor leftovers
+//! (`*~`, `#*#`, `*.swp`, `*.tmp`, vim's `4913`) are ignored, so a half-saved file never becomes
+//! part of a policy. Reading is separate from compiling so that tests can compile a policy
+//! held in memory.
+
+use std::path::{Path, PathBuf};
+
+use super::error::{PolicyError, PolicyErrors};
+
+/// Largest policy, schema or test file read (a policy is configuration, not data).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Most files of one kind read from a policy directory.
+pub const MAX_FILES: usize = 256;
+
+/// One file of a policy directory, read into memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// Path relative to the policy directory, with `/` separators (`schemas/publish.json`).
+    pub name: String,
+    /// The file's text.
+    pub text: String,
+}
+
+/// The files of a policy directory, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    /// The directory, for resolving key files named by the policy.
+    pub dir: PathBuf,
+    /// `*.yaml` policy documents at the top, sorted by name.
+    pub documents: Vec<SourceFile>,
+    /// `schemas/*.json`, sorted by name.
+    pub schemas: Vec<SourceFile>,
+    /// `tests/*.yaml`, sorted by name.
+    pub tests: Vec<SourceFile>,
+}
+
+impl PolicySource {
+    /// Reads a policy directory. Fails when the directory cannot be read, a file is too large
+    /// or not UTF-8, or a `.yml` file stands where only `.yaml` is read.
+    pub fn read_dir(dir: &Path) -> Result<PolicySource, PolicyErrors> {
+        let mut errors = Vec::new();
+        let documents = read_files(dir, "", "yaml", &mut errors);
+        let schemas = read_files(&dir.join("schemas"), "schemas/", "json", &mut errors);
+        let tests = read_files(&dir.join("tests"), "tests/", "yaml", &mut errors);
+        if documents.is_empty() && errors.is_empty() {
+            errors.push(dir_error(dir, "no policy documents (*.yaml) in this directory"));
+        }
+        if errors.is_empty() {
+            Ok(PolicySource { dir: dir.to_path_buf(), documents, schemas, tests })
+        } else {
+            Err(PolicyErrors(errors))
+        }
+    }
+}
+
+fn dir_error(dir: &Path, message: impl Into<String>) -> PolicyError {
+    PolicyError { file: dir.display().to_string(), line: 0, col: 0, path: String::new(), message: message.into() }
+}
+
+/// Whether a file name is an editor's temporary or backup file, or hidden.
+pub fn is_ignored_name(name: &str) -> bool {
+    name.starts_with('.')
+        || name.starts_with('#')
+        || name.ends_with('~')
+        || name.ends_with(".swp")
+        || name.ends_with(".swx")
+        || name.ends_with(".tmp")
+        || name == "4913"
+}
+
+fn read_files(dir: &Path, prefix: &str, ext: &str, errors: &mut Vec<PolicyError>) -> Vec<SourceFile> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // Optional subdirectories (schemas/, tests/) may be absent.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !prefix.is_empty() => return Vec::new(),
+        Err(e) => {
+            errors.push(dir_error(dir, format!("cannot read directory: {e}")));
+            return Vec::new();
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_ignored_name(&name) {
+            continue;
+        }
+        let path = entry.path();
+        let is_file = entry.file_type().map(|t| t.is_file() || t.is_symlink()).unwrap_or(false) && path.is_file();
+        if !is_file {
+            continue;
+        }
+        let rel = format!("{prefix}{name}");
+        if ext == "yaml" && name.ends_with(".yml") {
+            errors.push(file_error(
+                &rel,
+                "policy files must end in .yaml; rename this file so it is not silently ignored",
+            ));
+            continue;
+        }
+        if !name.ends_with(&format!(".{ext}")) {
+            continue;
+        }
+        match read_bounded(&path) {
+            Ok(text) => files.push(SourceFile { name: rel, text }),
+            Err(message) => errors.push(file_error(&rel, message)),
+        }
+    }
+    if files.len() > MAX_FILES {
+        errors.push(dir_error(dir, format!("{} files; at most {MAX_FILES} are read", files.len())));
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    files
+}
+
+fn file_error(file: &str, message: impl Into<String>) -> PolicyError {
+    PolicyError { file: file.to_string(), line: 0, col: 0, path: String::new(), message: message.into() }
+}
+
+/// Reads a file of at most [`MAX_FILE_BYTES`] as UTF-8.
+pub fn read_bounded(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!("file is {} bytes; at most {MAX_FILE_BYTES} are read", meta.len()));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| "file is not UTF-8".to_string())
+}
