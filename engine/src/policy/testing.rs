@@ -232,12 +232,10 @@ fn run_case(policy: &Arc<Policy>, case: &Case) -> Result<(), String> {
     };
     let seen = observe(policy, case, now);
     let detail = seen.detail.as_ref().map(|d| format!(" [{d}]")).unwrap_or_default();
-    let mut compared = Observed { detail: None, ..seen };
+    let shown = Observed { detail: None, ..seen };
     // A case that names no rule accepts any rule refusing with the expected status or code.
-    if expected.rule.is_none() {
-        compared.rule = None;
-    }
-    if compared == expected { Ok(()) } else { Err(format!("expected {expected}, got {compared}{detail}")) }
+    let compared = Observed { rule: if expected.rule.is_none() { None } else { shown.rule.clone() }, ..shown.clone() };
+    if compared == expected { Ok(()) } else { Err(format!("expected {expected}, got {shown}{detail}")) }
 }
 
 fn expectation(case: &Case) -> Result<Observed, String> {

@@ -10,7 +10,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     if text.is_empty() {
         return None;
     }
-    let mut total = Duration::ZERO;
+    let mut total_ms: u64 = 0;
     let mut rest = text;
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
@@ -20,18 +20,18 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         let number: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
+        let unit_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
             _ => return None,
         };
         rest = &rest[unit_len..];
-        total = total.checked_add(unit.checked_mul(u32::try_from(number).ok()?)?)?;
+        total_ms = total_ms.checked_add(number.checked_mul(unit_ms)?)?;
     }
-    Some(total)
+    Some(Duration::from_millis(total_ms))
 }
 
 /// Parses a size literal: a number of bytes with an optional unit `B`, `KiB`, `MiB`, `KB`, `MB`

@@ -1,0 +1,232 @@
+//! `wsgate policy check` and `wsgate policy test` against the real binary: the default policy
+//! passes; every broken copy is refused with exit 1 and a `file:line:col: key.path: message`
+//! line pointing where the problem is.
+
+mod common;
+
+use common::{PolicyCopy, default_policy_dir, wsgate};
+
+/// Runs `policy check` on `copy`, expects exit 1 and an error line that starts with `prefix`
+/// and contains `needle`. Returns stderr.
+fn refused(copy: &PolicyCopy, prefix: &str, needle: &str) -> String {
+    refused_with_env(copy, prefix, needle, &[])
+}
+
+fn refused_with_env(copy: &PolicyCopy, prefix: &str, needle: &str, env: &[(&str, &str)]) -> String {
+    let dir = copy.path().to_str().unwrap();
+    let (code, stdout, stderr) = wsgate(&["policy", "check", dir], env);
+    assert_eq!(code, 1, "expected exit 1\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with(prefix) && l.contains(needle)),
+        "no line starting `{prefix}` containing `{needle}` in:\n{stderr}"
+    );
+    for line in stderr.lines().filter(|l| !l.starts_with("policy refused")) {
+        let mut parts = line.splitn(4, ':');
+        let (_file, l, c) = (parts.next(), parts.next(), parts.next());
+        assert!(
+            l.and_then(|l| l.parse::<usize>().ok()).is_some() && c.and_then(|c| c.parse::<usize>().ok()).is_some(),
+            "not file:line:col: {line}"
+        );
+    }
+    stderr
+}
+
+#[test]
+fn the_default_policy_checks_and_its_tests_pass() {
+    let dir = default_policy_dir();
+    let (code, stdout, stderr) = wsgate(&["policy", "check", dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.starts_with("policy ok"), "{stdout}");
+    let junit = tempfile::NamedTempFile::new().unwrap();
+    let (code, stdout, stderr) =
+        wsgate(&["policy", "test", dir.to_str().unwrap(), "--junit", junit.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.ends_with(" passed, 0 failed"), "{stdout}");
+    let xml = std::fs::read_to_string(junit.path()).unwrap();
+    assert!(xml.contains("<testsuite name=\"tests/default.yaml\"") && !xml.contains("<failure"), "{xml}");
+}
+
+#[test]
+fn a_misspelt_key_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", "  max_per_ip: 100", "  max_per_ipp: 100");
+    refused(&copy, &format!("policy.yaml:{line}:3:"), "unknown field `max_per_ipp`");
+}
+
+#[test]
+fn bad_cel_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", r#"'has(claims.roles) && "banned" in claims.roles'"#, "'claims.roles &&'");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.rules[0].deny: CEL syntax error");
+}
+
+#[test]
+fn an_unknown_variable_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", "'message.channel.startsWith(\"alerts\")'", "'mesage.channel == \"x\"'");
+    refused(&copy, &format!("policy.yaml:{line}:"), "messages.types.subscribe.allow: unknown variable `mesage`");
+}
+
+#[test]
+fn message_in_a_connect_rule_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace(
+        "policy.yaml",
+        r#"'has(claims.roles) && "banned" in claims.roles'"#,
+        r#"'message.channel == "x"'"#,
+    );
+    refused(
+        &copy,
+        &format!("policy.yaml:{line}:"),
+        "variable `message` is not available here (available: claims, request, now)",
+    );
+}
+
+#[test]
+fn a_bad_schema_is_an_error() {
+    let copy = PolicyCopy::new();
+    copy.write("schemas/ping.json", r#"{"type": "objekt"}"#);
+    refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
+    copy.write("schemas/ping.json", "{\n  \"type\": \"object\",\n}");
+    refused(&copy, "schemas/ping.json:3:1:", "not valid JSON");
+}
+
+#[test]
+fn remote_and_file_refs_are_never_fetched() {
+    let copy = PolicyCopy::new();
+    copy.write("schemas/ping.json", r#"{"$ref": "https://example.com/ping.json"}"#);
+    refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
+    copy.write("schemas/ping.json", r#"{"$ref": "file:///etc/passwd"}"#);
+    refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
+}
+
+#[test]
+fn a_missing_key_env_var_is_an_error() {
+    let copy = PolicyCopy::new();
+    let (code, _, stderr) = common::wsgate_without_secret(&["policy", "check", copy.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.starts_with("policy.yaml:9:17: auth.jwt.secret_env: environment variable WSGATE_JWT_SECRET is not set"),
+        "{stderr}"
+    );
+    refused_with_env(&copy, "policy.yaml:9:17:", "at least 32 are required", &[("WSGATE_JWT_SECRET", "short")]);
+}
+
+#[test]
+fn hmac_with_a_public_key_is_an_error() {
+    let copy = PolicyCopy::new();
+    std::fs::write(copy.path().join("key.pem"), "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n").unwrap();
+    let line = copy.replace("policy.yaml", "    issuer: null\n", "    public_key_file: key.pem\n    issuer: null\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "an HMAC algorithm is never allowed with a public key");
+}
+
+#[test]
+fn mixing_hmac_and_public_key_algorithms_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [HS256, RS256]");
+    refused(&copy, &format!("policy.yaml:{line}:"), "cannot be mixed");
+}
+
+#[test]
+fn a_section_in_two_files_is_an_error() {
+    let copy = PolicyCopy::new();
+    copy.write("zz-extra.yaml", "version: 1\nmessages:\n  max_bytes: 2048\n");
+    refused(&copy, "zz-extra.yaml:3:3: messages:", "already defined in policy.yaml");
+}
+
+#[test]
+fn invalid_yaml_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", "  max_per_ip: 100", "  max_per_ip: [100");
+    refused(&copy, &format!("policy.yaml:{}:", line + 1), "");
+}
+
+#[test]
+fn a_yml_file_is_an_error_not_silently_ignored() {
+    let copy = PolicyCopy::new();
+    copy.write("extra.yml", "version: 1\n");
+    refused(&copy, "extra.yml:", "must end in .yaml");
+}
+
+#[test]
+fn out_of_range_and_malformed_limits_are_errors() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace(
+        "policy.yaml",
+        "heartbeat: {interval: 30s, timeout: 10s}",
+        "heartbeat: {interval: 30sec, timeout: 0s}",
+    );
+    let stderr =
+        refused(&copy, &format!("policy.yaml:{line}:"), "connections.heartbeat.interval: `30sec` is not a duration");
+    assert!(stderr.contains("connections.heartbeat.timeout: 0s is out of range"), "{stderr}");
+}
+
+#[test]
+fn every_error_is_reported_not_just_the_first() {
+    let copy = PolicyCopy::new();
+    copy.replace("policy.yaml", "  max_per_user: 1\n", "  max_per_user: 'claimz.n'\n");
+    copy.replace("policy.yaml", "  max_invalid: 5\n", "  max_invalid: 'message.n'\n");
+    let stderr = refused(&copy, "policy.yaml:", "connections.max_per_user: unknown variable `claimz`");
+    assert!(stderr.contains("messages.max_invalid: variable `message` is not available here"), "{stderr}");
+    assert!(stderr.contains("policy refused: 2 errors"), "{stderr}");
+}
+
+/// Replaces the `not-banned` rule with `expr` and expects `needle` in the error.
+fn cel_bomb(expr: &str, needle: &str) {
+    let copy = PolicyCopy::new();
+    let line = copy.replace(
+        "policy.yaml",
+        r#"'has(claims.roles) && "banned" in claims.roles'"#,
+        &format!("'{}'", expr.replace('\'', "''")),
+    );
+    let stderr = refused(&copy, &format!("policy.yaml:{line}:13: auth.rules[0].deny: "), needle);
+    assert_eq!(stderr.lines().count(), 2, "one error and the summary: {stderr}");
+}
+
+#[test]
+fn cel_bomb_long_addition_chain() {
+    cel_bomb(&format!("1{} > 0", "+1".repeat(5000)), "expression is 10005 bytes long; at most 4096");
+    cel_bomb(&format!("1{} > 0", "+1".repeat(2000)), "levels deep");
+}
+
+#[test]
+fn cel_bomb_long_field_chain() {
+    cel_bomb(&format!("claims{} == 1", ".a".repeat(5000)), "bytes long");
+    cel_bomb(&format!("claims{} == 1", ".a".repeat(1500)), "levels deep");
+}
+
+#[test]
+fn cel_bomb_nested_parentheses() {
+    cel_bomb(&format!("{}true{}", "(".repeat(1000), ")".repeat(1000)), "CEL syntax error");
+}
+
+#[test]
+fn cel_bomb_nested_comprehensions() {
+    let list = format!("[{}]", (1..=100).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    cel_bomb(&format!("{list}.all(x, {list}.all(y, {list}.all(z, x + y + z > 0)))"), "nested 3 deep");
+    cel_bomb(&format!("{list}.all(x, {list}.all(y, claims.roles.all(z, z != string(x + y))))"), "nested 3 deep");
+    // Two levels over inputs is within the nesting bound but not the cost budget.
+    cel_bomb("claims.roles.all(x, claims.roles.all(y, x != y))", "estimated worst-case cost");
+}
+
+#[test]
+fn cel_bomb_megabyte_string_builder() {
+    let list = format!("[{}]", (1..=100).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    let s = format!("\"{}\"", "x".repeat(100));
+    cel_bomb(&format!("size({list}.map(a, {list}.map(b, {s} + {s}))) > 0"), "estimated worst-case cost");
+}
+
+#[test]
+fn policy_test_reports_failures_and_exits_1() {
+    let copy = PolicyCopy::new();
+    copy.write(
+        "tests/broken.yaml",
+        "cases:\n  - name: wrongly expects a banned user in\n    claims: {sub: m, roles: [banned]}\n    expect: accept\n",
+    );
+    let (code, stdout, _) = wsgate(&["policy", "test", copy.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("FAIL tests/broken.yaml: wrongly expects a banned user in"), "{stdout}");
+    assert!(stdout.contains("expected accept, got status 403 by rule `not-banned`"), "{stdout}");
+    assert!(stdout.lines().last().unwrap().ends_with(" passed, 1 failed"), "{stdout}");
+}
