@@ -230,3 +230,14 @@ fn policy_test_reports_failures_and_exits_1() {
     assert!(stdout.contains("expected accept, got status 403 by rule `not-banned`"), "{stdout}");
     assert!(stdout.lines().last().unwrap().ends_with(" passed, 1 failed"), "{stdout}");
 }
+
+#[test]
+fn schema_patterns_use_a_linear_time_regex_engine() {
+    // Backreferences and lookaround exist only in backtracking engines; the linear-time engine
+    // refuses them, so a schema cannot smuggle in catastrophic backtracking.
+    let copy = PolicyCopy::new();
+    copy.write("schemas/ping.json", r#"{"type": "object", "properties": {"id": {"pattern": "^(a+)\\1$"}}}"#);
+    refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
+    copy.write("schemas/ping.json", r#"{"type": "object", "properties": {"id": {"pattern": "^(?=a)"}}}"#);
+    refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
+}

@@ -1,0 +1,308 @@
+//! The evaluation API: origins, connect rules, audit mode, fail-closed rules, CEL limits,
+//! message decisions, and token verification, on policies held in memory.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use wsgate::close::ErrorCode;
+use wsgate::policy::decision::{ConnContext, ConnInfo, MessageRefusal, RequestInfo};
+use wsgate::policy::source::SourceFile;
+use wsgate::policy::{CompileOptions, Policy, PolicySource, RuleMode, compile};
+
+fn secret(_: &str) -> Option<String> {
+    Some(common::SECRET.to_string())
+}
+
+/// The default policy with its `policy.yaml` replaced by `yaml`.
+fn policy(yaml: &str) -> Arc<Policy> {
+    let mut source = PolicySource::read_dir(&common::default_policy_dir()).unwrap();
+    source.documents = vec![SourceFile { name: "policy.yaml".into(), text: yaml.into() }];
+    Arc::new(
+        compile(&source, &CompileOptions { generation: 7, secret_lookup: &secret }).unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
+fn default_policy() -> Arc<Policy> {
+    let source = PolicySource::read_dir(&common::default_policy_dir()).unwrap();
+    Arc::new(compile(&source, &CompileOptions { generation: 1, secret_lookup: &secret }).unwrap())
+}
+
+fn request(origin: Option<&str>) -> RequestInfo {
+    RequestInfo {
+        ip: IpAddr::from([10, 1, 2, 3]),
+        origin: origin.map(str::to_string),
+        path: "/ws".into(),
+        query: vec![],
+        headers: vec![("user-agent".into(), "test".into())],
+    }
+}
+
+fn conn(user: &str) -> ConnInfo {
+    ConnInfo {
+        id: "s1".into(),
+        user: user.into(),
+        ip: IpAddr::from([10, 1, 2, 3]),
+        instance: "i1".into(),
+        connected_at: SystemTime::now(),
+    }
+}
+
+const TYPES: &str = "
+  types:
+    subscribe: {schema: subscribe.json}
+    publish: {schema: publish.json}
+";
+
+#[test]
+fn origin_patterns() {
+    let p = policy(
+        "version: 1\norigins:\n  allowed: [\"https://app.example.com\", \"https://*.example.org\", \"http://localhost:3000\"]\n",
+    );
+    assert!(p.check_origin(Some("https://app.example.com")).is_ok());
+    assert!(p.check_origin(Some("HTTPS://APP.EXAMPLE.COM")).is_ok());
+    assert!(p.check_origin(Some("https://a.b.example.org")).is_ok());
+    assert!(p.check_origin(Some("http://localhost:3000")).is_ok());
+    assert!(p.check_origin(None).is_ok());
+    for bad in
+        ["https://example.org", "https://evil.com", "https://app.example.com.evil.com", "http://a.example.org", "null"]
+    {
+        let d = p.check_origin(Some(bad)).unwrap_err();
+        assert_eq!(&*d.rule, "origins", "{bad}");
+    }
+    let strict = policy("version: 1\norigins:\n  allowed: [\"*\"]\n  require_https: true\n  require_origin: true\n");
+    assert!(strict.check_origin(Some("https://x.com")).is_ok());
+    assert!(strict.check_origin(Some("http://x.com")).is_err());
+    assert!(strict.check_origin(None).is_err());
+}
+
+#[test]
+fn connect_rules_run_in_order_audit_rules_never_refuse() {
+    let p = policy(
+        r#"version: 1
+auth:
+  rules:
+    - name: shadow-no-interns
+      deny: 'has(claims.roles) && "intern" in claims.roles'
+      mode: audit
+    - name: need-team
+      allow: 'has(claims.team)'
+      reason: a team is required
+"#,
+    );
+    let now = SystemTime::now();
+    let v = p
+        .handshake_scope(&json!({"sub": "a", "team": "ops", "roles": ["intern"]}), &request(None), now)
+        .connect_rules();
+    assert_eq!(v.denied, None);
+    assert_eq!(v.audit.len(), 1);
+    assert_eq!(&*v.audit[0].rule, "shadow-no-interns");
+    assert_eq!(v.audit[0].mode, RuleMode::Audit);
+
+    let v = p.handshake_scope(&json!({"sub": "a", "roles": ["intern"]}), &request(None), now).connect_rules();
+    let d = v.denied.expect("need-team refuses");
+    assert_eq!((&*d.rule, &*d.reason, d.error.as_deref()), ("need-team", "a team is required", None));
+    assert_eq!(v.audit.len(), 1, "the audit rule before it still reports");
+}
+
+#[test]
+fn a_rule_that_fails_at_run_time_fails_closed_and_says_so() {
+    // `claims.roles` is missing: evaluating `in` on it errors.
+    let p = policy("version: 1\nauth:\n  rules:\n    - name: no-banned\n      deny: '\"banned\" in claims.roles'\n");
+    let v = p.handshake_scope(&json!({"sub": "a"}), &request(None), SystemTime::now()).connect_rules();
+    let d = v.denied.expect("an error refuses");
+    assert_eq!(&*d.rule, "no-banned");
+    assert!(d.error.as_deref().unwrap_or_default().contains("roles"), "{d:?}");
+    // In audit mode the same error is a "would deny" and the request passes.
+    let p = policy(
+        "version: 1\nauth:\n  rules:\n    - name: no-banned\n      deny: '\"banned\" in claims.roles'\n      mode: audit\n",
+    );
+    let v = p.handshake_scope(&json!({"sub": "a"}), &request(None), SystemTime::now()).connect_rules();
+    assert_eq!(v.denied, None);
+    assert!(v.audit[0].error.is_some());
+}
+
+#[test]
+fn rules_see_request_and_now() {
+    let p = policy(
+        r#"version: 1
+auth:
+  rules:
+    - name: office-hours
+      allow: 'now.getHours("UTC") >= 8 || request.ip.startsWith("10.")'
+    - name: browser
+      allow: 'request.headers["user-agent"] == "test" && request.path == "/ws"'
+"#,
+    );
+    let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000 / 86_400 * 86_400);
+    let v = p.handshake_scope(&json!({"sub": "a"}), &request(None), midnight).connect_rules();
+    assert_eq!(v.denied, None, "10.x is allowed at any hour");
+    let mut outside = request(None);
+    outside.ip = IpAddr::from([192, 0, 2, 1]);
+    let v = p.handshake_scope(&json!({"sub": "a"}), &outside, midnight).connect_rules();
+    assert_eq!(v.denied.map(|d| d.rule.to_string()), Some("office-hours".into()));
+}
+
+#[test]
+fn user_id_and_limits_may_be_cel() {
+    let p = policy(
+        r#"version: 1
+auth:
+  user_id: 'claims.tenant + "/" + claims.sub'
+  reauth_interval: '"admin" in claims.roles ? duration("1h") : duration("5m")'
+connections:
+  max_per_user: '"premium" in claims.roles ? 5 : 1'
+  max_per_ip: 'request.ip.startsWith("10.") ? 1000 : 100'
+messages:
+  max_bytes: '"premium" in claims.roles ? 65536 : 4096'
+  rate: {max: '"premium" in claims.roles ? 100 : 10', per: 1s, action: close}
+"#,
+    );
+    let now = SystemTime::now();
+    let premium = json!({"sub": "u", "tenant": "t", "roles": ["premium"]});
+    let scope = p.handshake_scope(&premium, &request(None), now);
+    assert_eq!(scope.user_id().unwrap(), "t/u");
+    let l = scope.limits().unwrap();
+    assert_eq!((l.max_per_user, l.max_per_ip, l.max_bytes, l.rate_max), (5, 1000, 65536, 100));
+    assert_eq!(l.reauth_interval, Duration::from_secs(300));
+    assert_eq!(l.heartbeat_interval, Duration::from_secs(30), "literal defaults still apply");
+
+    let basic = json!({"sub": "u", "tenant": "t", "roles": []});
+    let l = p.handshake_scope(&basic, &request(None), now).limits().unwrap();
+    assert_eq!((l.max_per_user, l.max_bytes, l.rate_max), (1, 4096, 10));
+
+    // A limit whose expression fails, or yields something out of range, refuses (fail closed).
+    let e = p.handshake_scope(&json!({"sub": "u", "tenant": "t"}), &request(None), now).limits().unwrap_err();
+    assert_eq!(e.key, "connections.max_per_user");
+    let p = policy("version: 1\nconnections:\n  max_per_user: 'size(claims.sub) * 1000'\n");
+    let e = p.handshake_scope(&json!({"sub": "abc"}), &request(None), now).limits().unwrap_err();
+    assert!(e.error.contains("outside 1..=1000"), "{e}");
+}
+
+#[test]
+fn a_user_id_must_be_a_short_non_empty_string() {
+    let p = default_policy();
+    let now = SystemTime::now();
+    assert!(p.handshake_scope(&json!({"sub": ""}), &request(None), now).user_id().is_err());
+    assert!(p.handshake_scope(&json!({"sub": "x".repeat(300)}), &request(None), now).user_id().is_err());
+    assert!(p.handshake_scope(&json!({"sub": ["a"]}), &request(None), now).user_id().is_err());
+    assert_eq!(p.handshake_scope(&json!({"sub": 42}), &request(None), now).user_id().unwrap(), "42");
+}
+
+#[test]
+fn message_decisions_follow_envelope_type_schema_rules() {
+    let p = default_policy();
+    let ctx = ConnContext::new(p.clone(), &json!({"sub": "a", "roles": ["publisher"]}), &conn("a"));
+    let now = SystemTime::now();
+    let decide = |m: serde_json::Value| ctx.decide(&m, now).refused.map(|r| r.code());
+    assert_eq!(decide(json!({"type": "publish", "channel": "alerts", "data": {"x": 1}})), None);
+    assert_eq!(decide(json!([1])), Some(ErrorCode::SchemaViolation));
+    assert_eq!(decide(json!({"type": 3})), Some(ErrorCode::SchemaViolation));
+    assert_eq!(decide(json!({"type": "ping", "id": 5})), Some(ErrorCode::SchemaViolation));
+    assert_eq!(decide(json!({"type": "ping", "id": "x".repeat(129)})), Some(ErrorCode::SchemaViolation));
+    assert_eq!(decide(json!({"type": "nope"})), Some(ErrorCode::UnknownType));
+    assert_eq!(decide(json!({"type": "subscribe", "channel": "payroll"})), Some(ErrorCode::Forbidden));
+    match ctx.decide(&json!({"type": "subscribe", "channel": "payroll"}), now).refused {
+        Some(MessageRefusal::Rule(d)) => assert_eq!(&*d.rule, "subscribe.allow"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ctx.policy().generation, 1, "the context decides under the policy it was built with");
+}
+
+#[test]
+fn message_rules_apply_to_their_types_and_can_close() {
+    let p = policy(&format!(
+        r#"version: 1
+messages:
+  rules:
+    - name: no-shouting
+      deny: 'message.channel.startsWith("LOUD")'
+      action: close
+      types: [subscribe]
+    - name: audit-publish-size
+      deny: 'size(string(message.channel)) > 3'
+      mode: audit
+      types: [publish]
+{TYPES}"#
+    ));
+    let ctx = ConnContext::new(p, &json!({"sub": "a"}), &conn("a"));
+    let now = SystemTime::now();
+    match ctx.decide(&json!({"type": "subscribe", "channel": "LOUDNESS"}), now).refused {
+        Some(MessageRefusal::Rule(d)) => {
+            assert_eq!(&*d.rule, "no-shouting");
+            assert_eq!(d.action, wsgate::policy::RuleAction::Close);
+        }
+        other => panic!("{other:?}"),
+    }
+    let v = ctx.decide(&json!({"type": "publish", "channel": "LOUDNESS", "data": 1}), now);
+    assert_eq!(v.refused, None, "no-shouting does not apply to publish");
+    assert_eq!(v.audit.iter().map(|d| d.rule.to_string()).collect::<Vec<_>>(), vec!["audit-publish-size"]);
+}
+
+#[test]
+fn message_rules_see_claims_conn_message_and_now() {
+    let p = policy(
+        r#"version: 1
+messages:
+  types:
+    publish:
+      schema: publish.json
+      allow: 'message.channel == "user:" + conn.user && claims.sub == conn.user && now > conn.connected_at - duration("1s")'
+    subscribe: {schema: subscribe.json}
+"#,
+    );
+    let ctx = ConnContext::new(p, &json!({"sub": "bob"}), &conn("bob"));
+    let now = SystemTime::now();
+    assert_eq!(ctx.decide(&json!({"type": "publish", "channel": "user:bob", "data": 1}), now).refused, None);
+    assert!(ctx.decide(&json!({"type": "publish", "channel": "user:eve", "data": 1}), now).refused.is_some());
+}
+
+#[test]
+fn tokens_are_verified_with_the_policy_keys() {
+    let p = default_policy();
+    let now = SystemTime::now();
+    let mint = |secret: &str, ttl: u64| {
+        wsgate::token::mint(
+            secret.as_bytes(),
+            "alice",
+            Duration::from_secs(ttl),
+            &[("roles".into(), "[\"publisher\"]".into())],
+            now,
+        )
+        .unwrap()
+    };
+    let claims = p.auth.jwt.verify(&mint(common::SECRET, 60)).unwrap();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["roles"][0], "publisher");
+    use wsgate::policy::keys::TokenError;
+    assert_eq!(p.auth.jwt.verify(&mint("another-secret-that-is-long-enough!!", 60)), Err(TokenError::BadSignature));
+    assert_eq!(p.auth.jwt.verify("not.a.token"), Err(TokenError::Malformed));
+    let expired = wsgate::token::mint(
+        common::SECRET.as_bytes(),
+        "alice",
+        Duration::from_secs(1),
+        &[],
+        now - Duration::from_secs(3600),
+    )
+    .unwrap();
+    assert_eq!(p.auth.jwt.verify(&expired), Err(TokenError::Expired));
+    // alg: none is refused.
+    let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"alice","exp":9999999999}"#));
+    assert!(p.auth.jwt.verify(&none).is_err());
+}
+
+fn b64(s: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = s.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, lints, the workspace's tests, the
+# shipped policies' own checks and tests, and each fuzz target briefly.
+# Usage: scripts/test.sh            (FUZZ_SECONDS=N to fuzz longer, FUZZ_SECONDS=0 to skip)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# The policy checks load keys exactly as the server does; this throwaway secret exists only
+# for the tests (the default policy needs 32 bytes or more).
+export WSGATE_JWT_SECRET="${WSGATE_JWT_SECRET:-wsgate-test-only-secret-0123456789abcdef}"
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test"
+cargo test --workspace
+
+step "policy check + test: policies and policies/examples/*"
+cargo build --quiet -p wsgate
+for dir in policies policies/examples/*/; do
+  ./target/debug/wsgate policy check "$dir"
+  ./target/debug/wsgate policy test "$dir"
+done
+
+fuzz_seconds="${FUZZ_SECONDS:-10}"
+if [ "$fuzz_seconds" != 0 ]; then
+  step "fuzz each target for ${fuzz_seconds}s"
+  if ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "no nightly toolchain: fuzzing skipped" >&2
+  else
+    command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+    bash fuzz/run-briefly.sh "$fuzz_seconds"
+  fi
+fi
+step "all checks passed"
