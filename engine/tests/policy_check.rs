@@ -241,3 +241,26 @@ fn schema_patterns_use_a_linear_time_regex_engine() {
     copy.write("schemas/ping.json", r#"{"type": "object", "properties": {"id": {"pattern": "^(?=a)"}}}"#);
     refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
 }
+
+#[test]
+fn a_constant_cel_limit_is_range_checked_at_load() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", "  max_per_user: 1\n", "  max_per_user: '0'\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "connections.max_per_user: 0 is outside 1..=1000");
+}
+
+#[test]
+fn a_jwks_key_that_fits_no_allowed_algorithm_is_an_error() {
+    let copy = PolicyCopy::new();
+    copy.write(
+        "jwks.json",
+        r#"{"keys": [{"kty": "oct", "kid": "k1", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}]}"#,
+    );
+    copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256]");
+    let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    jwks_file: jwks.json\n");
+    refused(
+        &copy,
+        &format!("policy.yaml:{line}:"),
+        "auth.jwt.jwks_file: key 0 (k1) fits none of the policy's algorithms",
+    );
+}

@@ -306,3 +306,23 @@ fn b64(s: &str) -> String {
     }
     out
 }
+
+#[test]
+fn a_configured_issuer_audience_or_custom_claim_must_be_present() {
+    let p = policy(
+        "version: 1\nauth:\n  jwt:\n    issuer: https://id.example.com/\n    audience: wsgate\n    required_claims: [exp, sub, tenant]\n",
+    );
+    let now = SystemTime::now();
+    let mint = |claims: &[(&str, &str)]| {
+        let claims: Vec<(String, String)> = claims.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        wsgate::token::mint(common::SECRET.as_bytes(), "alice", Duration::from_secs(60), &claims, now).unwrap()
+    };
+    use wsgate::policy::keys::TokenError;
+    let all = [("iss", "https://id.example.com/"), ("aud", "wsgate"), ("tenant", "t1")];
+    assert!(p.auth.jwt.verify(&mint(&all)).is_ok());
+    assert_eq!(p.auth.jwt.verify(&mint(&all[1..])), Err(TokenError::MissingClaim), "no iss");
+    assert_eq!(p.auth.jwt.verify(&mint(&[all[0], all[2]])), Err(TokenError::MissingClaim), "no aud");
+    assert_eq!(p.auth.jwt.verify(&mint(&all[..2])), Err(TokenError::MissingClaim), "no tenant");
+    assert_eq!(p.auth.jwt.verify(&mint(&[("iss", "https://evil/"), all[1], all[2]])), Err(TokenError::WrongIssuer));
+    assert_eq!(p.auth.jwt.verify(&mint(&[all[0], ("aud", "other"), all[2]])), Err(TokenError::WrongAudience));
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+use super::decision;
 use super::error::{ErrorSink, PolicyError, PolicyErrors};
 use super::expr::{self, InputSizes, Var, VarSet};
 use super::keys::{self, JwtSettings, KeyField};
@@ -114,6 +115,8 @@ struct Compiler<'a> {
     /// Key files read, for the content hash.
     key_files: Vec<(String, Vec<u8>)>,
     sizes: InputSizes,
+    /// The CEL environment of the policy being built (constant limits are evaluated in it).
+    cel_env: Arc<cel::Env>,
 }
 
 impl<'a> Compiler<'a> {
@@ -123,6 +126,7 @@ impl<'a> Compiler<'a> {
             options,
             errors: ErrorSink::default(),
             key_files: Vec::new(),
+            cel_env: Arc::new(cel::Env::stdlib()),
             sizes: InputSizes {
                 claims: MAX_CLAIMS_BYTES,
                 request: MAX_REQUEST_BYTES,
@@ -190,7 +194,7 @@ impl<'a> Compiler<'a> {
             origins,
             connections,
             messages,
-            cel_env: Arc::new(cel::Env::stdlib()),
+            cel_env: self.cel_env.clone(),
         })
     }
 
@@ -271,11 +275,7 @@ impl<'a> Compiler<'a> {
     ) -> Option<Limit<u64>> {
         match &spec.value {
             CountSpec::Literal(n) => self.in_range(file, path, spec, *n, &range, |n| n.to_string()).map(Limit::Literal),
-            CountSpec::Expr(src) => self.expr(file, path, spec, src, vars).map(|expr| Limit::Expr {
-                expr,
-                min: *range.start(),
-                max: *range.end(),
-            }),
+            CountSpec::Expr(src) => self.limit_expr(file, path, spec, src, vars, range, decision::count),
         }
     }
 
@@ -295,11 +295,7 @@ impl<'a> Compiler<'a> {
                 self.error(file, path, spec, format!("`{}` is not a duration: write a number with a unit (ms, s, m, h, d), e.g. \"30s\" or \"1h30m\"", spec.value.0));
                 None
             }
-            None => self.expr(file, path, spec, &spec.value.0, vars).map(|expr| Limit::Expr {
-                expr,
-                min: *range.start(),
-                max: *range.end(),
-            }),
+            None => self.limit_expr(file, path, spec, &spec.value.0, vars, range, decision::duration),
         }
     }
 
@@ -328,12 +324,36 @@ impl<'a> Compiler<'a> {
                 );
                 None
             }
-            (None, SizeSpec::Text(t)) => self.expr(file, path, spec, t, vars).map(|expr| Limit::Expr {
-                expr,
-                min: *range.start(),
-                max: *range.end(),
-            }),
+            (None, SizeSpec::Text(t)) => self.limit_expr(file, path, spec, t, vars, range, decision::count),
             (None, SizeSpec::Literal(_)) => None,
+        }
+    }
+
+    /// A CEL limit. One that reads no variable is a constant: it is evaluated and range-checked
+    /// now, so `max_per_user: "0"` is refused by `policy check`, not by every handshake.
+    #[allow(clippy::too_many_arguments)]
+    fn limit_expr<T: Copy, L>(
+        &mut self,
+        file: &str,
+        path: &str,
+        at: &Located<L>,
+        source: &str,
+        vars: VarSet,
+        range: RangeInclusive<T>,
+        eval: fn(&Limit<T>, &cel::Context<'_, '_>, &'static str) -> Result<T, decision::LimitError>,
+    ) -> Option<Limit<T>> {
+        let expr = self.expr(file, path, at, source, vars)?;
+        let constant = expr.uses == VarSet::NONE;
+        let limit = Limit::Expr { expr, min: *range.start(), max: *range.end() };
+        if !constant {
+            return Some(limit);
+        }
+        match eval(&limit, &cel::Context::with_env(self.cel_env.clone()), "constant") {
+            Ok(v) => Some(Limit::Literal(v)),
+            Err(e) => {
+                self.error(file, path, at, e.error);
+                None
+            }
         }
     }
 

@@ -217,10 +217,15 @@ impl Policy {
         let allowed = self.origins.allowed.iter().any(|p| match p {
             OriginPattern::Any => true,
             OriginPattern::Exact(o) => *o == origin,
-            OriginPattern::Subdomains { scheme, suffix } => origin
-                .strip_prefix(scheme.as_str())
-                .and_then(|r| r.strip_prefix("://"))
-                .is_some_and(|host| host.len() > suffix.len() && host.ends_with(suffix.as_str())),
+            OriginPattern::Subdomains { scheme, suffix } => {
+                origin.strip_prefix(scheme.as_str()).and_then(|r| r.strip_prefix("://")).is_some_and(|host| {
+                    // An origin is `host[:port]` and nothing else: no path, query or userinfo
+                    // that could carry the suffix (`https://evil.test/x.example.com`).
+                    host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+                        && host.len() > suffix.len()
+                        && host.ends_with(suffix.as_str())
+                })
+            }
         });
         if allowed { Ok(()) } else { Err(refuse("origin not allowed")) }
     }
@@ -299,7 +304,7 @@ pub fn spike_threshold(policy: &Policy, now: SystemTime) -> Result<(u64, Duratio
     ))
 }
 
-fn count(limit: &Limit<u64>, ctx: &Context<'_, '_>, key: &'static str) -> Result<u64, LimitError> {
+pub(crate) fn count(limit: &Limit<u64>, ctx: &Context<'_, '_>, key: &'static str) -> Result<u64, LimitError> {
     match limit {
         Limit::Literal(v) => Ok(*v),
         Limit::Expr { expr, min, max } => {
@@ -314,7 +319,11 @@ fn count(limit: &Limit<u64>, ctx: &Context<'_, '_>, key: &'static str) -> Result
     }
 }
 
-fn duration(limit: &Limit<Duration>, ctx: &Context<'_, '_>, key: &'static str) -> Result<Duration, LimitError> {
+pub(crate) fn duration(
+    limit: &Limit<Duration>,
+    ctx: &Context<'_, '_>,
+    key: &'static str,
+) -> Result<Duration, LimitError> {
     match limit {
         Limit::Literal(v) => Ok(*v),
         Limit::Expr { expr, min, max } => {

@@ -443,8 +443,9 @@ impl Checker<'_> {
             "_==_" | "_!=_" | "_<_" | "_<=_" | "_>_" | "_>=_" => (size(0).min(size(1)) / 8, 1),
             // Membership scans the container.
             "@in" => (size(1), 1),
-            // Scans of the receiver.
-            "contains" | "startsWith" | "endsWith" => (size(0) / 8, 1),
+            // A prefix or suffix test reads at most the shorter operand; `contains` scans.
+            "startsWith" | "endsWith" => (size(0).min(size(1)) / 8, 1),
+            "contains" => (size(0) / 8, 1),
             // A regex is compiled per call and then runs in linear time.
             "matches" => (size(0) / 8 + size(1).saturating_mul(16), 1),
             "string" | "bytes" => (size(0), size(0)),
@@ -536,6 +537,14 @@ mod tests {
     fn nested_iteration_over_a_message_is_refused_but_one_level_is_fine() {
         assert!(refused("message.items.all(x, message.items.all(y, x == y))").contains("cost"));
         accepted("message.items.all(x, x.level < 5)");
+    }
+
+    #[test]
+    fn prefix_tests_cost_by_the_prefix_even_on_huge_inputs() {
+        let huge = InputSizes { message: 16 << 20, ..SIZES };
+        assert!(compile("message.channel.startsWith('alerts')", ALL, &huge).is_ok());
+        assert!(compile("message.channel.endsWith('.eu')", ALL, &huge).is_ok());
+        assert!(compile("message.text.contains('x')", ALL, &huge).is_err(), "contains scans the whole string");
     }
 
     #[test]

@@ -37,13 +37,18 @@ impl fmt::Debug for KeySet {
     }
 }
 
+/// Claims jsonwebtoken itself knows how to require; any other required claim is checked by us.
+const SPEC_CLAIMS: [&str; 5] = ["exp", "nbf", "iss", "aud", "sub"];
+
 /// Verifies tokens under one policy.
 #[derive(Debug)]
 pub struct JwtVerifier {
     /// The keys.
     pub keys: KeySet,
-    /// Algorithms, leeway, issuer, audience and required claims.
+    /// Algorithms, leeway, issuer, audience and the registered claims that must be present.
     pub validation: Validation,
+    /// Required claims beyond the registered ones (`roles`, `tenant`): checked for presence.
+    pub required_custom: Vec<String>,
 }
 
 /// Why a token was refused. Every variant maps to HTTP 401; the text is safe to show a client
@@ -105,8 +110,11 @@ impl JwtVerifier {
             },
         };
         let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation).map_err(classify)?;
-        if !data.claims.is_object() {
+        let Some(claims) = data.claims.as_object() else {
             return Err(TokenError::Malformed);
+        };
+        if self.required_custom.iter().any(|c| !claims.contains_key(c)) {
+            return Err(TokenError::MissingClaim);
         }
         Ok(data.claims)
     }
@@ -235,9 +243,16 @@ pub fn load(
                 let set: JwkSet =
                     serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, format!("not a JWKS: {e}")))?;
                 let mut keys = Vec::new();
-                for jwk in &set.keys {
+                for (i, jwk) in set.keys.iter().enumerate() {
                     let key =
                         DecodingKey::from_jwk(jwk).map_err(|e| (KeyField::JwksFile, format!("unusable key: {e}")))?;
+                    if !algorithms.iter().any(|a| a.family() == key.family()) {
+                        let kid = jwk.common.key_id.as_deref().unwrap_or("no kid");
+                        return Err((
+                            KeyField::JwksFile,
+                            format!("key {i} ({kid}) fits none of the policy's algorithms"),
+                        ));
+                    }
                     keys.push((jwk.common.key_id.clone(), key));
                 }
                 if keys.is_empty() {
@@ -252,15 +267,24 @@ pub fn load(
     validation.leeway = settings.leeway_secs;
     validation.validate_exp = true;
     validation.validate_nbf = true;
-    validation.required_spec_claims = settings.required_claims.iter().cloned().collect::<HashSet<_>>();
+    let (spec, custom): (Vec<&String>, Vec<&String>) =
+        settings.required_claims.iter().partition(|c| SPEC_CLAIMS.contains(&c.as_str()));
+    let mut required: HashSet<String> = spec.into_iter().cloned().collect();
+    // A configured issuer or audience must also be present: jsonwebtoken alone only refuses a
+    // token whose `iss`/`aud` differs, and would accept one that carries none.
     if let Some(iss) = settings.issuer {
         validation.set_issuer(&[iss]);
+        required.insert("iss".into());
     }
     match settings.audience {
-        Some(aud) => validation.set_audience(&[aud]),
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.insert("aud".into());
+        }
         None => validation.validate_aud = false,
     }
-    Ok(JwtVerifier { keys, validation })
+    validation.required_spec_claims = required;
+    Ok(JwtVerifier { keys, validation, required_custom: custom.into_iter().cloned().collect() })
 }
 
 fn pem_key(algorithms: &[Algorithm], pem: &[u8]) -> Result<DecodingKey, String> {
