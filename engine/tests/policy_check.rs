@@ -264,3 +264,11 @@ fn a_jwks_key_that_fits_no_allowed_algorithm_is_an_error() {
         "auth.jwt.jwks_file: key 0 (k1) fits none of the policy's algorithms",
     );
 }
+
+#[test]
+fn a_key_file_that_never_ends_is_refused_not_read_forever() {
+    let copy = PolicyCopy::new();
+    copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256]");
+    let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: /dev/zero\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "larger than 1048576 bytes");
+}

@@ -119,12 +119,15 @@ fn file_error(file: &str, message: impl Into<String>) -> PolicyError {
     PolicyError { file: file.to_string(), line: 0, col: 0, path: String::new(), message: message.into() }
 }
 
-/// Reads a file of at most [`MAX_FILE_BYTES`] as UTF-8.
+/// Reads a file of at most [`MAX_FILE_BYTES`] as UTF-8. The bound holds while reading, not
+/// only by the size the file system reports: `/dev/zero` says 0 and never ends.
 pub fn read_bounded(path: &Path) -> Result<String, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(format!("file is {} bytes; at most {MAX_FILE_BYTES} are read", meta.len()));
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("file is larger than {MAX_FILE_BYTES} bytes"));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     String::from_utf8(bytes).map_err(|_| "file is not UTF-8".to_string())
 }
