@@ -9,5 +9,6 @@
 
 pub mod cli;
 pub mod close;
+pub mod limits;
 pub mod policy;
 pub mod token;
