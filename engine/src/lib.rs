@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod close;
+pub mod http;
 pub mod limits;
 pub mod policy;
 pub mod token;
