@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs, rust_2018_idioms)]
 
+pub mod broker;
 pub mod cli;
 pub mod close;
 pub mod http;
