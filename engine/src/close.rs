@@ -52,3 +52,116 @@ impl ErrorCode {
 pub const STATUS_UNAUTHORIZED: u16 = 401;
 /// HTTP status of a handshake refused by a connect rule or the origin check.
 pub const STATUS_FORBIDDEN: u16 = 403;
+
+/// WebSocket close codes (SPEC §5), plus 4008 for a client that does not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    /// 1000: normal closure (also an idle connection past `idle_timeout`).
+    Normal,
+    /// 1001: the server is shutting down.
+    GoingAway,
+    /// 1003: a binary frame where the policy says `binary: close`.
+    Unsupported,
+    /// 1008: a rule with action `close`, or too many invalid messages.
+    PolicyViolation,
+    /// 1009: a message larger than `messages.max_bytes`.
+    TooBig,
+    /// 1011: an internal error.
+    Internal,
+    /// 4001: the token expired, or re-authentication failed.
+    TokenExpired,
+    /// 4003: a policy reload or a revocation now denies this connection.
+    Revoked,
+    /// 4008: the client does not read; its outbound queue overflowed.
+    SlowConsumer,
+    /// 4009: the same user opened a newer connection.
+    Replaced,
+    /// 4010: logged out through the admin API.
+    LoggedOut,
+    /// 4029: message rate exceeded where the policy says `close`.
+    RateLimited,
+}
+
+impl CloseCode {
+    /// The numeric code on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::Unsupported => 1003,
+            CloseCode::PolicyViolation => 1008,
+            CloseCode::TooBig => 1009,
+            CloseCode::Internal => 1011,
+            CloseCode::TokenExpired => 4001,
+            CloseCode::Revoked => 4003,
+            CloseCode::SlowConsumer => 4008,
+            CloseCode::Replaced => 4009,
+            CloseCode::LoggedOut => 4010,
+            CloseCode::RateLimited => 4029,
+        }
+    }
+}
+
+/// Why a handshake was refused, with the HTTP status it gets (SPEC §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 404: not the WebSocket path.
+    NotFound,
+    /// 400: not a valid WebSocket upgrade request.
+    BadRequest(&'static str),
+    /// 401: no token, or an invalid, expired or revoked one.
+    Unauthorized(String),
+    /// 403: the origin is not allowed, or a connect rule denies.
+    Forbidden {
+        /// The rule (`origins` for the origin check).
+        rule: String,
+        /// The rule's reason.
+        reason: String,
+    },
+    /// 429: reconnect or per-IP limit; retry after this many seconds.
+    TooMany {
+        /// What limit.
+        reason: &'static str,
+        /// Seconds for `Retry-After`.
+        retry_after_secs: u64,
+    },
+    /// 503: shutting down, or no valid policy.
+    Unavailable(&'static str),
+}
+
+impl Refusal {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::NotFound => 404,
+            Refusal::BadRequest(_) => 400,
+            Refusal::Unauthorized(_) => STATUS_UNAUTHORIZED,
+            Refusal::Forbidden { .. } => STATUS_FORBIDDEN,
+            Refusal::TooMany { .. } => 429,
+            Refusal::Unavailable(_) => 503,
+        }
+    }
+
+    /// The `error` field of the JSON body, and the metrics outcome label.
+    pub fn error(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::Unauthorized(_) => "unauthorized",
+            Refusal::Forbidden { .. } => "forbidden",
+            Refusal::TooMany { .. } => "too_many_requests",
+            Refusal::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The `reason` field: never a token or a query string.
+    pub fn reason(&self) -> String {
+        match self {
+            Refusal::NotFound => "no such path".into(),
+            Refusal::BadRequest(r) | Refusal::Unavailable(r) => (*r).into(),
+            Refusal::TooMany { reason, .. } => (*reason).into(),
+            Refusal::Unauthorized(r) => r.clone(),
+            Refusal::Forbidden { reason, .. } => reason.clone(),
+        }
+    }
+}

@@ -13,4 +13,5 @@ pub mod close;
 pub mod http;
 pub mod limits;
 pub mod policy;
+pub mod sessions;
 pub mod token;
