@@ -12,6 +12,7 @@ pub mod cli;
 pub mod close;
 pub mod http;
 pub mod limits;
+pub mod pipeline;
 pub mod policy;
 pub mod sessions;
 pub mod token;
