@@ -270,5 +270,16 @@ fn a_key_file_that_never_ends_is_refused_not_read_forever() {
     let copy = PolicyCopy::new();
     copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256]");
     let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: /dev/zero\n");
-    refused(&copy, &format!("policy.yaml:{line}:"), "larger than 1048576 bytes");
+    refused(&copy, &format!("policy.yaml:{line}:"), "not a regular file");
+}
+
+#[test]
+fn a_key_file_that_is_a_fifo_is_refused_without_blocking() {
+    let copy = PolicyCopy::new();
+    let fifo = copy.path().join("key.pem");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256]");
+    let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: key.pem\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "not a regular file");
 }

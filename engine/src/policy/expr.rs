@@ -217,8 +217,8 @@ const KNOWN_FUNCTIONS: &[&str] = &[
 ];
 
 /// Type names an expression may mention (`type(x) == string`).
-const TYPE_IDENTS: &[&str] =
-    &["int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type", "timestamp", "duration"];
+/// (`timestamp` and `duration` are functions only: cel 0.15 has no such identifiers.)
+const TYPE_IDENTS: &[&str] = &["int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type"];
 
 /// Compiles `source`, allowing only the variables in `allowed`.
 ///
@@ -329,6 +329,12 @@ impl Checker<'_> {
             }
             Node::Ident(name) => self.ident(name),
             Node::Select(select) => {
+                if let Node::Ident(name) = &select.operand.expr
+                    && TYPE_IDENTS.contains(&name.as_str())
+                    && !self.scopes.iter().any(|s| s.contains_key(name))
+                {
+                    return refuse(format!("`{name}` is a type: it has no field `{}`", select.field));
+                }
                 let operand = self.visit(&select.operand)?;
                 Ok(Estimate { cost: operand.cost.saturating_add(1), size: operand.size })
             }
@@ -559,6 +565,18 @@ mod tests {
         // Comprehension variables are in scope only inside.
         compile("claims.roles.exists(r, r == 'admin')", connect, &SIZES).unwrap();
         assert!(compile("claims.roles.exists(r, r == 'admin') && r == 'x'", connect, &SIZES).is_err());
+    }
+
+    #[test]
+    fn names_the_interpreter_does_not_know_are_refused_at_load() {
+        // Found by fuzzing: these passed the checker and then failed on every evaluation.
+        for src in ["((timestamp))", "type(now) == timestamp", "duration == 1", "int.x == 1", "type.x", "null_type.a"] {
+            assert!(compile(src, ALL, &SIZES).is_err(), "{src}");
+        }
+        let ctx = Context::with_env(Arc::new(cel::Env::stdlib()));
+        for src in ["type(1) == int", "type('a') == string", "type([]) == list", "type(null) == null_type"] {
+            assert_eq!(accepted(src).eval_bool(&ctx), Ok(true), "{src}");
+        }
     }
 
     #[test]

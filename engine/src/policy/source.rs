@@ -123,6 +123,11 @@ fn file_error(file: &str, message: impl Into<String>) -> PolicyError {
 /// only by the size the file system reports: `/dev/zero` says 0 and never ends.
 pub fn read_bounded(path: &Path) -> Result<String, String> {
     use std::io::Read;
+    // Only regular files: opening a FIFO blocks forever, and a device never ends.
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut bytes = Vec::new();
     file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
