@@ -216,6 +216,13 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "getSeconds",
 ];
 
+/// Functions the interpreter knows only in call form (`duration("1s")`, not `x.duration(…)`).
+const GLOBAL_ONLY: &[&str] =
+    &["int", "uint", "double", "string", "bytes", "bool", "dyn", "type", "duration", "timestamp"];
+/// Functions the interpreter knows only as methods (`s.contains(…)`), besides the `get*`
+/// timestamp accessors.
+const METHOD_ONLY: &[&str] = &["contains", "startsWith", "endsWith"];
+
 /// Type names an expression may mention (`type(x) == string`).
 /// (`timestamp` and `duration` are functions only: cel 0.15 has no such identifiers.)
 const TYPE_IDENTS: &[&str] = &["int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type"];
@@ -432,6 +439,12 @@ impl Checker<'_> {
         if !KNOWN_FUNCTIONS.contains(&name) {
             return refuse(format!("unknown function `{name}`"));
         }
+        if target.is_some() && GLOBAL_ONLY.contains(&name) {
+            return refuse(format!("`{name}` is a function, not a method: write {name}(…)"));
+        }
+        if target.is_none() && (METHOD_ONLY.contains(&name) || name.starts_with("get")) {
+            return refuse(format!("`{name}` is a method: write value.{name}(…)"));
+        }
         let mut operands = Vec::with_capacity(args.len() + 1);
         if let Some(t) = target {
             operands.push(self.visit(t)?);
@@ -570,7 +583,18 @@ mod tests {
     #[test]
     fn names_the_interpreter_does_not_know_are_refused_at_load() {
         // Found by fuzzing: these passed the checker and then failed on every evaluation.
-        for src in ["((timestamp))", "type(now) == timestamp", "duration == 1", "int.x == 1", "type.x", "null_type.a"] {
+        for src in [
+            "((timestamp))",
+            "type(now) == timestamp",
+            "duration == 1",
+            "int.x == 1",
+            "type.x",
+            "null_type.a",
+            "now - conn. duration(\"2m\") < now",
+            "claims.sub.string() == 'a'",
+            "contains(claims.sub, 'a')",
+            "getHours(now) == 1",
+        ] {
             assert!(compile(src, ALL, &SIZES).is_err(), "{src}");
         }
         let ctx = Context::with_env(Arc::new(cel::Env::stdlib()));
