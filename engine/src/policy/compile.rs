@@ -738,7 +738,7 @@ impl<'a> Compiler<'a> {
 }
 
 /// serde-saphyr's message without the snippet and the trailing position we print ourselves.
-fn yaml_message(e: &serde_saphyr::Error) -> String {
+pub(crate) fn yaml_message(e: &serde_saphyr::Error) -> String {
     strip_position(&e.without_snippet().to_string())
 }
 

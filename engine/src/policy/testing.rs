@@ -204,9 +204,7 @@ pub fn run(policy: &Arc<Policy>, tests: &[SourceFile]) -> Result<Report, Vec<Pol
             Ok(t) => t,
             Err(e) => {
                 let (line, col) = e.location().map_or((0, 0), |l| (l.line() as usize, l.column() as usize));
-                let message = e.without_snippet().to_string();
-                let message = message.lines().next().unwrap_or_default();
-                let message = message.rfind(" at line ").map_or(message, |i| &message[..i]).to_string();
+                let message = super::compile::yaml_message(&e);
                 errors.push(PolicyError { file: file.name.clone(), line, col, path: String::new(), message });
                 continue;
             }
