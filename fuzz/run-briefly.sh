@@ -9,7 +9,6 @@
 # Environment:
 #   FUZZ_SANITIZER=address|none   default address (cargo-fuzz's default); `none` runs several
 #                                 times more inputs per second (the engine has no unsafe code)
-#   WSGATE_FUZZ_SKIP_KNOWN=1      skip the bugs listed in regressions/KNOWN (already reported)
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz --locked`).
 set -euo pipefail
 
@@ -27,18 +26,6 @@ else
   mapfile -t targets < <(cargo +nightly fuzz list)
 fi
 
-known=()
-if [ "${WSGATE_FUZZ_SKIP_KNOWN:-}" = 1 ] && [ -f regressions/KNOWN ]; then
-  mapfile -t known < <(grep -v '^\s*\(#\|$\)' regressions/KNOWN)
-fi
-is_known() {
-  local entry
-  for entry in "${known[@]}"; do
-    [ "regressions/$entry" = "$1" ] && return 0
-  done
-  return 1
-}
-
 cargo +nightly fuzz build -s "$sanitizer"
 
 failed=()
@@ -48,11 +35,7 @@ for target in "${targets[@]}"; do
   replay=()
   for input in regressions/"$target"/*; do
     [ -f "$input" ] || continue
-    if is_known "$input"; then
-      echo "== $target: skipping known $input"
-    else
-      replay+=("$input")
-    fi
+    replay+=("$input")
   done
   if [ "${#replay[@]}" -gt 0 ]; then
     echo "== $target: replaying ${#replay[@]} regression input(s)"

@@ -19,23 +19,6 @@ const SIZES: InputSizes =
     InputSizes { claims: MAX_CLAIMS_BYTES, request: MAX_REQUEST_BYTES, conn: 1024, message: 10240 };
 /// Far above what the cost budget should allow (even with a sanitizer's slowdown).
 const SLOW: Duration = Duration::from_secs(1);
-/// Engine bugs already reported, each with an input under `regressions/cel_expr/`. With
-/// `WSGATE_FUZZ_SKIP_KNOWN=1` the target fuzzes past them until they are fixed; by default
-/// they fail like any other finding. Both are a type name the checker accepts and cel 0.15
-/// does not resolve: `timestamp` and `duration` anywhere (`type(now) == timestamp`), and any
-/// type name as the operand of a field selection (`int.x`).
-const KNOWN_UNRESOLVED_TYPE_NAMES: &[&str] =
-    &["int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type", "timestamp", "duration"];
-
-fn is_known(error: &str) -> bool {
-    KNOWN_UNRESOLVED_TYPE_NAMES.iter().any(|t| error.contains(&format!("Undeclared reference to '{t}'")))
-}
-
-fn skip_known() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("WSGATE_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
-}
-
 /// A scope with every variable bound, built once.
 fn context() -> &'static cel::Context<'static, 'static> {
     static CTX: OnceLock<cel::Context<'static, 'static>> = OnceLock::new();
@@ -83,9 +66,7 @@ fuzz_target!(|data: &[u8]| {
         let result = expr.eval(ctx);
         let took = start.elapsed();
         assert!(took < SLOW, "accepted expression (estimated cost {}) took {took:?}: {}", expr.cost, expr.source);
-        if let Err(e) = &result
-            && !(skip_known() && is_known(&e.0))
-        {
+        if let Err(e) = &result {
             assert!(
                 !e.0.contains("Undeclared reference") && !e.0.contains("interpreter failed"),
                 "accepted expression failed at run time with every variable bound: {e}: {}",

@@ -66,11 +66,6 @@ impl ErrorSink {
         });
     }
 
-    /// Records a ready-made error.
-    pub fn push_error(&mut self, error: PolicyError) {
-        self.errors.push(error);
-    }
-
     /// Whether nothing went wrong so far.
     pub fn is_empty(&self) -> bool {
         self.errors.is_empty()

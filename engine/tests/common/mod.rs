@@ -60,21 +60,22 @@ impl PolicyCopy {
 /// Runs the real `wsgate` binary with the test secret in its environment.
 pub fn wsgate(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-    cmd.args(args).env_remove("WSGATE_JWT_SECRET").env("WSGATE_JWT_SECRET", SECRET);
+    cmd.args(args).env("WSGATE_JWT_SECRET", SECRET);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run wsgate");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run(cmd)
 }
 
 /// Runs the real `wsgate` binary with no secret in its environment.
 pub fn wsgate_without_secret(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate")).args(args).env_remove("WSGATE_JWT_SECRET").output().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    cmd.args(args).env_remove("WSGATE_JWT_SECRET");
+    run(cmd)
+}
+
+fn run(mut cmd: Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run wsgate");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
