@@ -1,4 +1,4 @@
-//! The command line (SPEC §2) and the commands that do not serve: `policy check`,
+//! The command line (SPEC §2): `serve`, and the commands that do not serve — `policy check`,
 //! `policy test`, `policy schema` and `token mint`.
 
 use std::path::{Path, PathBuf};
@@ -27,6 +27,8 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gateway.
+    Serve(Box<crate::startup::ServeArgs>),
     /// Check or test a policy directory.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -76,7 +78,7 @@ pub enum TokenCommand {
     },
 }
 
-fn parse_ttl(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     units::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 15m, 1h)"))
 }
 
@@ -88,6 +90,7 @@ fn parse_claim(s: &str) -> Result<(String, String), String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => crate::startup::run(*args),
         Command::Policy(PolicyCommand::Check { dir }) => policy_check(&dir),
         Command::Policy(PolicyCommand::Test(args)) => policy_test(&args),
         Command::Policy(PolicyCommand::Schema) => {
@@ -98,11 +101,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn options() -> CompileOptions<'static> {
+pub(crate) fn options() -> CompileOptions<'static> {
     CompileOptions { generation: 1, secret_lookup: &process_env }
 }
 
-fn print_errors(errors: &PolicyErrors) {
+pub(crate) fn print_errors(errors: &PolicyErrors) {
     for e in &errors.0 {
         eprintln!("{e}");
     }

@@ -53,15 +53,20 @@ pub const STATUS_UNAUTHORIZED: u16 = 401;
 /// HTTP status of a handshake refused by a connect rule or the origin check.
 pub const STATUS_FORBIDDEN: u16 = 403;
 
-/// WebSocket close codes (SPEC §5), plus 4008 for a client that does not read.
+/// WebSocket close codes (SPEC §5), plus RFC 6455's 1002 and 1007 and 4008 for a client that
+/// does not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseCode {
     /// 1000: normal closure (also an idle connection past `idle_timeout`).
     Normal,
     /// 1001: the server is shutting down.
     GoingAway,
+    /// 1002: the client broke the WebSocket protocol (RFC 6455).
+    ProtocolError,
     /// 1003: a binary frame where the policy says `binary: close`.
     Unsupported,
+    /// 1007: a text frame that is not UTF-8 (RFC 6455).
+    InvalidPayload,
     /// 1008: a rule with action `close`, or too many invalid messages.
     PolicyViolation,
     /// 1009: a message larger than `messages.max_bytes`.
@@ -88,7 +93,9 @@ impl CloseCode {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
             CloseCode::Unsupported => 1003,
+            CloseCode::InvalidPayload => 1007,
             CloseCode::PolicyViolation => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::Internal => 1011,

@@ -7,12 +7,23 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs, rust_2018_idioms)]
 
+pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod close;
+pub mod decisions;
+pub mod gateway;
+pub mod handshake;
 pub mod http;
 pub mod limits;
 pub mod pipeline;
 pub mod policy;
+pub mod server;
+pub mod session;
 pub mod sessions;
+pub mod startup;
 pub mod token;
+
+pub use gateway::{Gateway, GatewayOptions};
+pub use server::{Listeners, ServeOptions, serve};

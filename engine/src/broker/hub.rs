@@ -1,7 +1,7 @@
 //! The in-process hub: which local sessions are subscribed to which channels, and delivery to
 //! them through bounded outboxes.
 //!
-//! A delivery is serialized once and shared (`Arc<str>`) by every subscriber. An outbox is a
+//! A delivery is serialized once and shared (reference-counted `Utf8Bytes`) by every subscriber. An outbox is a
 //! bounded queue: a subscriber whose queue is full is not waited for — the delivery to it is
 //! dropped and the session is told to close as a slow consumer, so one client that does not
 //! read never grows memory or delays anyone else.
@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// A session's id, unique within the process.
 pub type SessionId = u64;
@@ -18,7 +19,7 @@ pub type SessionId = u64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     /// A ready `message` frame (JSON text).
-    Frame(Arc<str>),
+    Frame(Utf8Bytes),
     /// The session's outbox overflowed: close it as a slow consumer.
     Overflow,
 }
@@ -41,7 +42,7 @@ impl Outbox {
     }
 
     /// Queues a frame without waiting. Returns false when the session is gone or overflowed.
-    pub fn offer(&self, frame: &Arc<str>) -> bool {
+    pub fn offer(&self, frame: &Utf8Bytes) -> bool {
         use std::sync::atomic::Ordering;
         if self.overflowed.load(Ordering::Relaxed) {
             return false;
@@ -53,6 +54,11 @@ impl Outbox {
             return false;
         }
         self.tx.try_send(Outbound::Frame(frame.clone())).is_ok()
+    }
+
+    /// Whether a delivery was dropped because the queue was full: the session must close.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -102,7 +108,7 @@ impl Hub {
     }
 
     /// Queues `frame` for every local subscriber of `channel`.
-    pub fn deliver(&self, channel: &str, frame: &Arc<str>) -> Fanout {
+    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes) -> Fanout {
         // Clone the outboxes out of the lock: queueing never happens under it.
         let outboxes: Vec<Outbox> = {
             let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,7 +146,7 @@ mod tests {
         assert!(hub.subscribe("alerts", 1, &a));
         assert!(!hub.subscribe("alerts", 2, &b));
         assert!(hub.subscribe("user:1", 1, &a));
-        let frame: Arc<str> = Arc::from("{\"type\":\"message\"}");
+        let frame = Utf8Bytes::from("{\"type\":\"message\"}");
         assert_eq!(hub.deliver("alerts", &frame), Fanout { delivered: 2, dropped: 0 });
         assert_eq!(hub.deliver("user:1", &frame).delivered, 1);
         assert_eq!(hub.deliver("nobody", &frame).delivered, 0);
@@ -158,7 +164,7 @@ mod tests {
         let hub = Hub::default();
         let (slow, mut rx) = Outbox::new(2);
         hub.subscribe("alerts", 1, &slow);
-        let frame: Arc<str> = Arc::from("x");
+        let frame = Utf8Bytes::from("x");
         let results: Vec<Fanout> = (0..5).map(|_| hub.deliver("alerts", &frame)).collect();
         assert_eq!(results.iter().map(|f| f.delivered).sum::<usize>(), 2);
         assert_eq!(results.iter().map(|f| f.dropped).sum::<usize>(), 3);

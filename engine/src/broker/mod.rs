@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hub::{Fanout, Hub};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// A published message on its way to subscribers.
 #[derive(Debug, Clone)]
@@ -18,15 +19,16 @@ pub struct Delivery {
     pub channel: String,
     /// The message id, the same on every instance.
     pub id: String,
-    /// The `message` frame, serialized once.
-    pub frame: Arc<str>,
+    /// The `message` frame, serialized once and shared by every subscriber (reference-counted,
+    /// handed to the WebSocket layer without a copy).
+    pub frame: Utf8Bytes,
 }
 
 impl Delivery {
     /// Builds the `message` frame for `data` on `channel`.
     pub fn new(channel: &str, id: String, data: &serde_json::Value) -> Delivery {
         let frame = serde_json::json!({"type": "message", "channel": channel, "id": id, "data": data}).to_string();
-        Delivery { channel: channel.to_string(), id, frame: Arc::from(frame) }
+        Delivery { channel: channel.to_string(), id, frame: Utf8Bytes::from(frame) }
     }
 }
 

@@ -1,0 +1,136 @@
+//! The admin listener (SPEC §6): health, readiness and the admin API. It is a separate
+//! listener, never the public one. Calls that change state need
+//! `Authorization: Bearer $WSGATE_ADMIN_TOKEN`, compared in constant time; when the variable is
+//! unset they answer 403.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+
+use crate::broker::Delivery;
+use crate::gateway::{Gateway, Phase};
+use crate::http::{self, Request};
+
+/// Largest admin request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest channel name the admin API publishes to.
+pub const MAX_CHANNEL_LEN: usize = 256;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves admin requests until the task is aborted.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream, gw.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// An admin answer.
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+fn reply(status: u16, body: Value) -> Reply {
+    Reply { status, body }
+}
+
+fn error(status: u16, error: &str, reason: &str) -> Reply {
+    reply(status, json!({"error": error, "reason": reason}))
+}
+
+/// One admin connection: one request, one response.
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Gateway>) {
+    let Ok(request) = http::read_request(&mut stream, REQUEST_TIMEOUT).await else { return };
+    let reply = match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/healthz") => reply(200, json!({"status": "ok"})),
+        ("GET", "/readyz") => match gw.phase() {
+            Phase::Running => reply(200, json!({"status": "ready"})),
+            Phase::Draining => reply(503, json!({"status": "draining"})),
+        },
+        ("POST", "/v1/publish") => match authorize(&gw, &request) {
+            Err(r) => r,
+            Ok(()) => match http::read_body(&mut stream, &request, MAX_BODY_BYTES, REQUEST_TIMEOUT).await {
+                Ok(body) => publish(&gw, &body).await,
+                Err(http::ReadError::TooLarge) => error(413, "bad_request", "body too large"),
+                Err(_) => return,
+            },
+        },
+        (_, "/healthz" | "/readyz" | "/v1/publish") => error(405, "method_not_allowed", "method not allowed"),
+        _ => error(404, "not_found", "no such path"),
+    };
+    let body = reply.body.to_string();
+    let _ = http::write_response(&mut stream, reply.status, "application/json", &[], body.as_bytes()).await;
+}
+
+/// Checks the admin bearer token in constant time.
+fn authorize(gw: &Gateway, request: &Request) -> Result<(), Reply> {
+    let Some(expected) = gw.options.admin_token.as_deref().filter(|t| !t.is_empty()) else {
+        return Err(error(403, "forbidden", "the admin API is disabled: WSGATE_ADMIN_TOKEN is not set"));
+    };
+    let presented = request
+        .header("authorization")
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .unwrap_or_default();
+    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(error(401, "unauthorized", "missing or wrong admin token"))
+    }
+}
+
+/// Compares digests so neither the content nor the length of the secret leaks through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    da.iter().zip(db.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /v1/publish {"channel": "...", "data": ...}`.
+async fn publish(gw: &Gateway, body: &[u8]) -> Reply {
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(400, "bad_request", &format!("body is not JSON: {e}")),
+    };
+    let Some(channel) = parsed.get("channel").and_then(Value::as_str) else {
+        return error(400, "bad_request", "`channel` must be a string");
+    };
+    if channel.is_empty() || channel.len() > MAX_CHANNEL_LEN || channel.chars().any(char::is_control) {
+        return error(400, "bad_request", "`channel` must be 1 to 256 bytes without control characters");
+    }
+    let data = parsed.get("data").unwrap_or(&Value::Null);
+    let delivery = Delivery::new(channel, gw.ids.next_id(), data);
+    let id = delivery.id.clone();
+    match gw.backplane.publish(delivery).await {
+        Ok(fanout) => reply(200, json!({"id": id, "delivered": fanout.delivered})),
+        Err(e) => {
+            tracing::error!(error = %e.0, "admin publish failed");
+            error(503, "unavailable", "publish failed")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_comparison_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}

@@ -1,0 +1,188 @@
+//! Tokens in a handshake: where to find one (the policy's `auth.token_sources`, in order),
+//! when it stops being valid, and what of the request connect rules may see.
+//!
+//! A token is a bearer credential: it is never logged, never echoed and never shown to CEL.
+//! [`request_info`] therefore strips every place a token could be (the token's query
+//! parameter, `Authorization`, `Cookie`, any header named as a source, and `bearer.*`
+//! subprotocols) before the request becomes `request` in connect rules.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::http::Request;
+use crate::policy::{RequestInfo, TokenSource};
+
+/// The subprotocol wsgate speaks; clients that send a token as a subprotocol offer it too.
+pub const SUBPROTOCOL: &str = "wsgate.v1";
+/// The prefix of a token offered as a subprotocol: `bearer.<token>`.
+pub const SUBPROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+/// Most query parameters or headers passed to connect rules; the head is bounded anyway.
+const MAX_REQUEST_PAIRS: usize = 64;
+
+/// The first non-empty token found in `request`, trying `sources` in order.
+pub fn find_token(request: &Request, sources: &[TokenSource]) -> Option<String> {
+    sources.iter().find_map(|source| token_from(request, source)).filter(|t| !t.is_empty())
+}
+
+fn token_from(request: &Request, source: &TokenSource) -> Option<String> {
+    match source {
+        TokenSource::Query(name) => {
+            request.query_pairs().into_iter().find(|(k, v)| k == name && !v.is_empty()).map(|(_, v)| v)
+        }
+        TokenSource::Header(name) if name == "authorization" => {
+            let value = request.header("authorization")?.trim();
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string()).filter(|t| !t.is_empty())
+        }
+        TokenSource::Header(name) => request.header(name).map(|v| v.trim().to_string()).filter(|t| !t.is_empty()),
+        TokenSource::Cookie(name) => cookies(request).find(|(k, v)| k == name && !v.is_empty()).map(|(_, v)| v.into()),
+        TokenSource::Subprotocol => request
+            .header_tokens("sec-websocket-protocol")
+            .find_map(|p| p.strip_prefix(SUBPROTOCOL_TOKEN_PREFIX))
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
+    }
+}
+
+fn cookies(request: &Request) -> impl Iterator<Item = (&str, &str)> {
+    request
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "cookie")
+        .flat_map(|(_, v)| v.split(';'))
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
+}
+
+/// The subprotocols a client offered, in order.
+pub fn offered_subprotocols(request: &Request) -> Vec<&str> {
+    request.header_tokens("sec-websocket-protocol").filter(|p| !p.is_empty()).collect()
+}
+
+/// The request as connect rules see it, with every token-bearing part removed.
+pub fn request_info(request: &Request, ip: IpAddr, sources: &[TokenSource]) -> RequestInfo {
+    let token_query: Vec<&str> = sources
+        .iter()
+        .filter_map(|s| match s {
+            TokenSource::Query(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let token_header = |name: &str| {
+        matches!(name, "authorization" | "cookie" | "proxy-authorization")
+            || sources.iter().any(|s| matches!(s, TokenSource::Header(h) if h == name))
+    };
+    let query = request
+        .query_pairs()
+        .into_iter()
+        .filter(|(k, _)| !token_query.contains(&k.as_str()))
+        .take(MAX_REQUEST_PAIRS)
+        .collect();
+    let headers = request
+        .headers
+        .iter()
+        .filter(|(n, _)| !token_header(n))
+        .filter_map(|(n, v)| {
+            if n != "sec-websocket-protocol" {
+                return Some((n.clone(), v.clone()));
+            }
+            let kept: Vec<&str> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty() && !p.starts_with(SUBPROTOCOL_TOKEN_PREFIX))
+                .collect();
+            (!kept.is_empty()).then(|| (n.clone(), kept.join(", ")))
+        })
+        .take(MAX_REQUEST_PAIRS)
+        .collect();
+    RequestInfo { ip, origin: request.header("origin").map(str::to_string), path: request.path.clone(), query, headers }
+}
+
+/// When a token stops being valid: its `exp` plus the policy's leeway, the same instant the
+/// verifier starts refusing it. `None` for a token without `exp` (a policy that does not
+/// require one).
+pub fn expiry(claims: &serde_json::Value, leeway: Duration) -> Option<SystemTime> {
+    let exp = claims.get("exp")?;
+    let secs = exp.as_u64().or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))?.checked_add(leeway)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(target: &str, headers: &[(&str, &str)]) -> Request {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        Request {
+            method: "GET".into(),
+            path: path.into(),
+            query: query.into(),
+            headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            rest: vec![],
+        }
+    }
+
+    fn all() -> Vec<TokenSource> {
+        vec![
+            TokenSource::Query("token".into()),
+            TokenSource::Header("authorization".into()),
+            TokenSource::Cookie("wsgate_token".into()),
+            TokenSource::Subprotocol,
+        ]
+    }
+
+    #[test]
+    fn sources_are_tried_in_order() {
+        let r = request(
+            "/ws?token=q",
+            &[
+                ("authorization", "Bearer h"),
+                ("cookie", "a=1; wsgate_token=c"),
+                ("sec-websocket-protocol", "wsgate.v1, bearer.s"),
+            ],
+        );
+        assert_eq!(find_token(&r, &all()).as_deref(), Some("q"));
+        let mut reversed = all();
+        reversed.reverse();
+        assert_eq!(find_token(&r, &reversed).as_deref(), Some("s"));
+        assert_eq!(find_token(&r, &all()[1..2]).as_deref(), Some("h"));
+        assert_eq!(find_token(&r, &all()[2..3]).as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn empty_or_foreign_values_are_not_tokens() {
+        let r = request("/ws?token=", &[("authorization", "Basic abc"), ("cookie", "wsgate_token=")]);
+        assert_eq!(find_token(&r, &all()), None);
+        let r = request("/ws", &[("authorization", "bearer  t1 ")]);
+        assert_eq!(find_token(&r, &all()).as_deref(), Some("t1"), "the scheme is case-insensitive");
+    }
+
+    #[test]
+    fn connect_rules_never_see_a_token() {
+        let r = request(
+            "/ws?token=SECRET&room=7",
+            &[
+                ("authorization", "Bearer SECRET"),
+                ("cookie", "wsgate_token=SECRET"),
+                ("x-api-token", "SECRET"),
+                ("sec-websocket-protocol", "wsgate.v1, bearer.SECRET"),
+                ("user-agent", "t"),
+            ],
+        );
+        let mut sources = all();
+        sources.push(TokenSource::Header("x-api-token".into()));
+        let info = request_info(&r, "127.0.0.1".parse().unwrap(), &sources);
+        let seen = format!("{info:?}");
+        assert!(!seen.contains("SECRET"), "{seen}");
+        assert_eq!(info.query, vec![("room".to_string(), "7".to_string())]);
+        assert!(info.headers.contains(&("sec-websocket-protocol".into(), "wsgate.v1".into())));
+        assert!(info.headers.contains(&("user-agent".into(), "t".into())));
+    }
+
+    #[test]
+    fn expiry_is_exp_plus_leeway() {
+        let claims = serde_json::json!({"exp": 100});
+        assert_eq!(expiry(&claims, Duration::from_secs(5)), Some(UNIX_EPOCH + Duration::from_secs(105)));
+        assert_eq!(expiry(&serde_json::json!({}), Duration::ZERO), None);
+    }
+}

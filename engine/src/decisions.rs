@@ -1,0 +1,91 @@
+//! The decision log: one structured line, at info level under the target `wsgate::decision`,
+//! for every refused handshake, refused message and audit-mode "would deny". Fields: `kind`
+//! (handshake | message), `outcome` (deny | would_deny), `rule`, `mode`, `user`, `ip`,
+//! `session`, `status` or `code`, `reason`, and `error` when a rule failed closed.
+//!
+//! Nothing here ever receives a token, a secret or a query string: callers pass decisions,
+//! not requests.
+
+use std::net::IpAddr;
+
+use crate::close::{CloseCode, ErrorCode};
+use crate::handshake::Refused;
+use crate::policy::RuleMode;
+use crate::policy::decision::Denial;
+
+/// Where decision lines go (`RUST_LOG=wsgate::decision=info`).
+pub const TARGET: &str = "wsgate::decision";
+
+fn mode(d: Option<&Denial>) -> &'static str {
+    match d.map(|d| d.mode) {
+        Some(RuleMode::Audit) => "audit",
+        _ => "enforce",
+    }
+}
+
+/// A refused handshake.
+pub fn handshake_refused(refused: &Refused, ip: IpAddr) {
+    let rule = refused.rule.as_ref();
+    tracing::info!(
+        target: TARGET,
+        kind = "handshake",
+        outcome = "deny",
+        status = refused.refusal.status(),
+        rule = rule.map_or(refused.refusal.error(), |r| &*r.rule),
+        mode = mode(rule),
+        user = refused.user.as_deref().unwrap_or(""),
+        %ip,
+        reason = %refused.refusal.reason(),
+        error = rule.and_then(|r| r.error.as_deref()).unwrap_or(""),
+        "handshake refused"
+    );
+}
+
+/// Audit-mode rules that would have refused a handshake or message that went through.
+pub fn would_deny(kind: &'static str, audit: &[Denial], user: &str, ip: IpAddr, session: &str) {
+    for d in audit {
+        tracing::info!(
+            target: TARGET,
+            kind,
+            outcome = "would_deny",
+            rule = &*d.rule,
+            mode = "audit",
+            user,
+            %ip,
+            session,
+            reason = &*d.reason,
+            error = d.error.as_deref().unwrap_or(""),
+            "audit rule would deny"
+        );
+    }
+}
+
+/// A refused message (error frame) or a message that closed its connection.
+pub fn message_refused(
+    code: Result<ErrorCode, CloseCode>,
+    rule: Option<&Denial>,
+    reason: &str,
+    user: &str,
+    ip: IpAddr,
+    session: &str,
+) {
+    let (code_name, close) = match code {
+        Ok(c) => (c.as_str(), 0),
+        Err(c) => ("close", c.code()),
+    };
+    tracing::info!(
+        target: TARGET,
+        kind = "message",
+        outcome = "deny",
+        code = code_name,
+        close,
+        rule = rule.map_or(code_name, |r| &*r.rule),
+        mode = mode(rule),
+        user,
+        %ip,
+        session,
+        reason,
+        error = rule.and_then(|r| r.error.as_deref()).unwrap_or(""),
+        "message refused"
+    );
+}

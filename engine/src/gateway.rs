@@ -1,0 +1,130 @@
+//! The state one gateway instance shares between its connections: the active policy, the
+//! broker, the session registry, the limiters and the lifecycle phase. Everything else about a
+//! connection lives in its own task ([`crate::session`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::broker::hub::{Hub, SessionId};
+use crate::broker::{Backplane, LocalBackplane, MessageIds};
+use crate::limits::{IpCounter, KeyedWindows};
+use crate::policy::Policy;
+use crate::sessions::Registry;
+
+/// Where the server is in its life. Connections watch it: leaving `Running` closes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting and serving.
+    Running,
+    /// Shutting down: new handshakes get 503, every client is sent 1001.
+    Draining,
+}
+
+/// Settings of an instance that do not come from the policy.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// This instance's id: in welcome frames, `conn.instance`, session ids.
+    pub instance_id: String,
+    /// `WSGATE_ADMIN_TOKEN`: required by state-changing admin calls; `None` refuses them.
+    pub admin_token: Option<String>,
+    /// Test-only fault injection, honoured in debug builds only (see [`Failpoint`]).
+    pub failpoint: Option<Failpoint>,
+}
+
+/// A deliberate fault, so tests can show how the server contains its own failures. Read from
+/// `WSGATE_FAILPOINT` by debug builds only; release builds ignore it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failpoint {
+    /// `panic_on_message_type:TYPE`: processing an accepted message of this type panics.
+    PanicOnMessageType(String),
+}
+
+impl Failpoint {
+    /// Parses `panic_on_message_type:TYPE`.
+    pub fn parse(s: &str) -> Option<Failpoint> {
+        let kind = s.strip_prefix("panic_on_message_type:")?;
+        (!kind.is_empty()).then(|| Failpoint::PanicOnMessageType(kind.to_string()))
+    }
+}
+
+/// One instance's shared state.
+pub struct Gateway {
+    /// The policy every new handshake and message is decided under. A reload replaces the
+    /// `Arc` whole; readers clone it and decide entirely under that one generation.
+    policy: RwLock<Arc<Policy>>,
+    /// Instance settings.
+    pub options: GatewayOptions,
+    /// Local channel subscriptions.
+    pub hub: Arc<Hub>,
+    /// Carries publishes to every instance (embedded: just this one).
+    pub backplane: Arc<dyn Backplane>,
+    /// Message ids, unique across instances.
+    pub ids: MessageIds,
+    /// Live sessions by user: max per user, logout.
+    pub sessions: Registry,
+    /// Handshakes per user, for `connections.reconnects`.
+    pub reconnects: KeyedWindows<String>,
+    /// Live connections per IP, for `connections.max_per_ip`.
+    pub per_ip: Arc<IpCounter>,
+    /// The lifecycle phase; sessions hold receivers.
+    phase: watch::Sender<Phase>,
+    /// Next session number.
+    next_session: AtomicU64,
+}
+
+impl Gateway {
+    /// A gateway serving `policy` with the embedded broker.
+    pub fn new(policy: Arc<Policy>, options: GatewayOptions) -> Arc<Gateway> {
+        let hub = Arc::new(Hub::default());
+        let backplane = Arc::new(LocalBackplane::new(hub.clone()));
+        Arc::new(Gateway {
+            policy: RwLock::new(policy),
+            options,
+            hub,
+            backplane,
+            ids: MessageIds::new(),
+            sessions: Registry::default(),
+            reconnects: KeyedWindows::default(),
+            per_ip: Arc::default(),
+            phase: watch::channel(Phase::Running).0,
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    /// The active policy.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the active policy (the reload path swaps here).
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Moves to `phase`; every session watching sees it.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    /// A receiver sessions select on.
+    pub fn watch_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// A fresh session id, unique within the process.
+    pub fn next_session_id(&self) -> SessionId {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The failpoint, in debug builds only.
+    pub fn failpoint(&self) -> Option<&Failpoint> {
+        if cfg!(debug_assertions) { self.options.failpoint.as_ref() } else { None }
+    }
+}

@@ -1,0 +1,200 @@
+//! Every check before the upgrade (SPEC §3), in order: path → method and upgrade headers →
+//! lifecycle → `Origin` → token → JWT → connect rules → user id → limits → per-IP concurrent
+//! connections → per-user reconnects. A refused client gets a plain HTTP response with a JSON
+//! body and never a WebSocket; an admitted one gets `101` written here, by hand, so that all
+//! of these checks may be asynchronous and none runs inside tungstenite's callback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::auth::{self, SUBPROTOCOL};
+use crate::close::Refusal;
+use crate::gateway::{Gateway, Phase};
+use crate::http::Request;
+use crate::limits::IpSlot;
+use crate::policy::decision::Denial;
+use crate::policy::{ConnLimits, Policy, RequestInfo, Verdict};
+
+/// The WebSocket endpoint.
+pub const WS_PATH: &str = "/ws";
+/// `Retry-After` for the per-IP limit: a slot frees whenever one of the IP's connections
+/// closes, so there is no exact time; this keeps a well-behaved client from hammering.
+pub const PER_IP_RETRY_AFTER_SECS: u64 = 5;
+
+/// A handshake that passed every check.
+pub struct Admitted {
+    /// The policy it was admitted under.
+    pub policy: Arc<Policy>,
+    /// The user id (`auth.user_id`).
+    pub user: String,
+    /// The verified claims.
+    pub claims: serde_json::Value,
+    /// The token, kept for re-authentication; never logged.
+    pub token: String,
+    /// When the token stops being valid (`exp` + leeway).
+    pub expires_at: Option<SystemTime>,
+    /// The connection's limits.
+    pub limits: ConnLimits,
+    /// The request as connect rules see it (no token), kept for re-authentication.
+    pub request: RequestInfo,
+    /// Whether to answer the `wsgate.v1` subprotocol.
+    pub subprotocol: bool,
+    /// `Sec-WebSocket-Key`, for the accept header.
+    pub ws_key: String,
+    /// Audit-mode connect rules that would have refused.
+    pub audit: Vec<Denial>,
+    /// The per-IP slot this connection holds until it ends.
+    pub ip_slot: IpSlot,
+}
+
+/// A refusal with what the decision log needs.
+#[derive(Debug)]
+pub struct Refused {
+    /// The refusal.
+    pub refusal: Refusal,
+    /// The user, once known.
+    pub user: Option<String>,
+    /// The rule that refused, if a rule did.
+    pub rule: Option<Denial>,
+}
+
+impl From<Refusal> for Box<Refused> {
+    fn from(refusal: Refusal) -> Self {
+        Box::new(Refused { refusal, user: None, rule: None })
+    }
+}
+
+/// Runs every check on an upgrade request.
+pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) -> Result<Admitted, Box<Refused>> {
+    if request.path != WS_PATH {
+        return Err(Refusal::NotFound.into());
+    }
+    if request.method != "GET" {
+        return Err(Refusal::BadRequest("a WebSocket upgrade is a GET").into());
+    }
+    if gw.phase() != Phase::Running {
+        return Err(Refusal::Unavailable("the server is shutting down").into());
+    }
+    let ws_key = upgrade_key(request)?;
+    let offered = auth::offered_subprotocols(request);
+    let subprotocol = offered.contains(&SUBPROTOCOL);
+    if !offered.is_empty() && !subprotocol {
+        return Err(Refusal::BadRequest("the only subprotocol is wsgate.v1").into());
+    }
+    // One generation decides the whole handshake.
+    let policy = gw.policy();
+    if let Err(denial) = policy.check_origin(request.header("origin")) {
+        return Err(Box::new(Refused { refusal: forbidden(&denial), user: None, rule: Some(denial) }));
+    }
+    let Some(token) = auth::find_token(request, &policy.auth.token_sources) else {
+        return Err(Refusal::Unauthorized("no token".into()).into());
+    };
+    let claims = policy.auth.jwt.verify(&token).map_err(|e| Refusal::Unauthorized(e.reason().into()))?;
+    let request_info = auth::request_info(request, peer.ip(), &policy.auth.token_sources);
+    let scope = policy.handshake_scope(&claims, &request_info, SystemTime::now());
+    let Verdict { denied, audit } = scope.connect_rules();
+    if let Some(denial) = denied {
+        return Err(Box::new(Refused { refusal: forbidden(&denial), user: scope.user_id().ok(), rule: Some(denial) }));
+    }
+    let user = scope.user_id().map_err(|e| {
+        Box::new(Refused {
+            refusal: Refusal::Forbidden {
+                rule: "auth.user_id".into(),
+                reason: "the user id could not be determined".into(),
+            },
+            user: None,
+            rule: Some(failed_rule("auth.user_id", &e.0)),
+        })
+    })?;
+    let limits = scope.limits().map_err(|e| {
+        Box::new(Refused {
+            refusal: Refusal::Forbidden {
+                rule: e.key.into(),
+                reason: "the connection's limits could not be evaluated".into(),
+            },
+            user: Some(user.clone()),
+            rule: Some(failed_rule(e.key, &e.error)),
+        })
+    })?;
+    drop(scope);
+    let too_many = |reason, retry_after_secs| {
+        Box::new(Refused {
+            refusal: Refusal::TooMany { reason, retry_after_secs },
+            user: Some(user.clone()),
+            rule: None,
+        })
+    };
+    let Some(ip_slot) = gw.per_ip.acquire(peer.ip(), limits.max_per_ip) else {
+        return Err(too_many("too many connections from this address", PER_IP_RETRY_AFTER_SECS));
+    };
+    if let Err(wait) = gw.reconnects.admit(&user, now, limits.reconnects_max, limits.reconnects_per) {
+        return Err(too_many("too many connection attempts for this user", ceil_secs(wait)));
+    }
+    let expires_at = auth::expiry(&claims, Duration::from_secs(policy.auth.jwt.validation.leeway));
+    Ok(Admitted {
+        policy,
+        user,
+        claims,
+        token,
+        expires_at,
+        limits,
+        request: request_info,
+        subprotocol,
+        ws_key,
+        audit,
+        ip_slot,
+    })
+}
+
+fn forbidden(denial: &Denial) -> Refusal {
+    Refusal::Forbidden { rule: denial.rule.to_string(), reason: denial.reason.to_string() }
+}
+
+fn failed_rule(key: &str, error: &str) -> Denial {
+    Denial {
+        rule: key.into(),
+        mode: crate::policy::RuleMode::Enforce,
+        action: crate::policy::RuleAction::Reject,
+        reason: "evaluation failed".into(),
+        error: Some(error.to_string()),
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Checks the upgrade headers (RFC 6455 §4.2.1) and returns `Sec-WebSocket-Key`.
+fn upgrade_key(request: &Request) -> Result<String, Refusal> {
+    let has = |name: &str, token: &str| request.header_tokens(name).any(|t| t.eq_ignore_ascii_case(token));
+    if !has("upgrade", "websocket") || !has("connection", "upgrade") {
+        return Err(Refusal::BadRequest("expected a WebSocket upgrade"));
+    }
+    if request.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Refusal::BadRequest("only WebSocket version 13 is supported"));
+    }
+    match request.header("sec-websocket-key").map(str::trim) {
+        Some(key) if key.len() == 24 => Ok(key.to_string()),
+        _ => Err(Refusal::BadRequest("missing or malformed Sec-WebSocket-Key")),
+    }
+}
+
+/// Writes the `101 Switching Protocols` answer.
+pub async fn accept<S: AsyncWrite + Unpin>(stream: &mut S, admitted: &Admitted) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n",
+        derive_accept_key(admitted.ws_key.as_bytes())
+    );
+    if admitted.subprotocol {
+        // Only ever the protocol name: the token offered next to it is never echoed.
+        head.push_str("sec-websocket-protocol: wsgate.v1\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.flush().await
+}

@@ -1,0 +1,177 @@
+//! Listeners, the accept loop and shutdown. [`serve`] takes its listeners and its shutdown
+//! signal from the caller, so tests bind port 0 and stop the server when they like; the CLI
+//! passes real sockets and the process's signals.
+//!
+//! Every accepted connection is one task ([`handle`]): read the bounded request head (a client
+//! that has not sent it within [`HANDSHAKE_TIMEOUT`] is dropped), run the handshake checks,
+//! then either answer with a refusal or upgrade and run the session. Each task holds a permit
+//! of the connection cap and a clone of one "done" sender: when the last clone is gone, every
+//! connection has finished and the drain is complete.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::close::Refusal;
+use crate::gateway::{Gateway, Phase};
+use crate::http::{self, ReadError};
+use crate::policy::ConnLimits;
+use crate::{admin, decisions, handshake, session};
+
+/// A client must send its whole upgrade request within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read buffer per connection. tungstenite's default (128 KiB) would cost that much per idle
+/// connection; messages larger than this still arrive, in several reads.
+pub const READ_BUFFER_BYTES: usize = 4096;
+/// How long writing a refusal may take.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The sockets a server listens on.
+pub struct Listeners {
+    /// The public WebSocket listener.
+    pub ws: TcpListener,
+    /// The admin listener (metrics, health, admin API); never the public one.
+    pub admin: TcpListener,
+}
+
+/// Server settings that are not policy.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Most connections held at once (handshaking or upgraded); further clients wait in the
+    /// listen backlog.
+    pub max_connections: usize,
+    /// How long shutdown waits for clients to finish their close handshakes.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { max_connections: 50_000, drain_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Serves until `shutdown` completes, then drains: new handshakes get 503, every client is
+/// sent 1001, and the call returns when all connections are gone or the drain timeout passed.
+pub async fn serve(
+    listeners: Listeners,
+    gw: Arc<Gateway>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let cap = Arc::new(Semaphore::new(options.max_connections));
+    let admin = tokio::spawn(admin::serve(listeners.admin, gw.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = cap.clone().acquire_owned() => permit.expect("the connection cap is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listeners.ws) => accepted,
+        };
+        let gw = gw.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            handle(stream, peer, gw).await;
+            drop(permit);
+            drop(done);
+        });
+    }
+    tracing::info!("shutting down: draining connections");
+    gw.set_phase(Phase::Draining);
+    drop(listeners.ws);
+    drop(done_tx);
+    if timeout(options.drain_timeout, done_rx.recv()).await.is_err() {
+        tracing::warn!(timeout = ?options.drain_timeout, "drain timeout: dropping the remaining connections");
+    }
+    admin.abort();
+    Ok(())
+}
+
+/// Accepts the next connection, backing off on errors (such as running out of file
+/// descriptors) instead of spinning or giving up.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// One accepted connection: handshake, then the session or a refusal.
+pub async fn handle<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let request = match http::read_request(&mut stream, HANDSHAKE_TIMEOUT).await {
+        Ok(r) => r,
+        Err(ReadError::TooLarge) => {
+            let _ = timeout(
+                REFUSAL_WRITE_TIMEOUT,
+                http::write_refusal(&mut stream, 431, "bad_request", "request head too large", &[]),
+            )
+            .await;
+            return;
+        }
+        Err(ReadError::Malformed) => {
+            let refusal = Refusal::BadRequest("malformed HTTP request");
+            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refusal)).await;
+            return;
+        }
+        Err(ReadError::Closed | ReadError::TimedOut) => return,
+    };
+    match handshake::check(&gw, &request, peer, Instant::now()) {
+        Err(refused) => {
+            if refused.refusal == Refusal::NotFound {
+                tracing::debug!(ip = %peer.ip(), "no such path");
+            } else {
+                decisions::handshake_refused(&refused, peer.ip());
+            }
+            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refused.refusal)).await;
+        }
+        Ok(admitted) => {
+            if handshake::accept(&mut stream, &admitted).await.is_err() {
+                return;
+            }
+            let config = ws_config(&admitted.limits);
+            let ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(config)).await;
+            session::run(ws, admitted, gw).await;
+        }
+    }
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) -> std::io::Result<()> {
+    let retry_after = match refusal {
+        Refusal::TooMany { retry_after_secs, .. } => vec![("retry-after", retry_after_secs.to_string())],
+        _ => vec![],
+    };
+    http::write_refusal(stream, refusal.status(), refusal.error(), &refusal.reason(), &retry_after).await
+}
+
+/// WebSocket settings for a connection: size limits from the policy (a fragmented message
+/// counts as a whole), small buffers.
+pub fn ws_config(limits: &ConnLimits) -> WebSocketConfig {
+    let max = usize::try_from(limits.max_bytes).unwrap_or(usize::MAX);
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}

@@ -1,0 +1,558 @@
+//! One connection's life after the upgrade: welcome → one `select!` over the next frame, the
+//! outbound queue, the timers (heartbeat, token expiry, re-authentication, idle) and the
+//! signals from outside (replacement, shutdown) → close. No connection state lives anywhere
+//! else; the registry and the hub hold only ways to reach this task.
+//!
+//! Timers: the server pings every `heartbeat.interval`; a peer that sends nothing within
+//! `heartbeat.timeout` of a ping is dropped (its TCP connection closed, no close frame: a dead
+//! peer cannot read one). The token's expiry closes with 4001 at that instant. Every
+//! `reauth_interval` the token and connect rules are checked again under the current policy.
+//! No client message for `idle_timeout` closes with 1000.
+//!
+//! Slow consumers: deliveries wait in a bounded queue of [`OUTBOX_CAPACITY`] frames. A client
+//! whose queue overflows, or that does not take a frame within `heartbeat.timeout`, is closed
+//! with 4008, so a client that does not read never makes the server hold more than that.
+
+use std::net::IpAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use crate::auth;
+use crate::broker::Delivery;
+use crate::broker::hub::{Outbound, Outbox, SessionId};
+use crate::close::{CloseCode, ErrorCode};
+use crate::decisions;
+use crate::gateway::{Failpoint, Gateway, Phase};
+use crate::handshake::Admitted;
+use crate::limits::IpSlot;
+use crate::pipeline::{Decision, Frame, Pipeline};
+use crate::policy::{ConnContext, ConnInfo, Policy, RequestInfo};
+use crate::sessions::Control;
+
+/// Deliveries queued for one client before it counts as a slow consumer (4008).
+pub const OUTBOX_CAPACITY: usize = 256;
+/// Channels one connection may be subscribed to, `alerts` and `user:<id>` included.
+pub const MAX_SUBSCRIPTIONS: usize = 64;
+/// How long a close handshake may take before the connection is simply dropped.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest close reason (RFC 6455: the close payload is at most 125 bytes).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The server closed it with this code.
+    Closed(CloseCode, String),
+    /// The client closed it (its close code, if it sent one).
+    ClientClosed(Option<u16>),
+    /// The connection was dropped without a close handshake.
+    Dropped(&'static str),
+}
+
+/// The timers of one connection, as instants on tokio's clock.
+struct Timers {
+    /// Next heartbeat event: send a ping, or (when a pong is awaited) the pong deadline.
+    heartbeat: Instant,
+    /// A ping was sent and nothing has arrived since.
+    awaiting_pong: bool,
+    /// When the last ping was sent, so the next one keeps the interval.
+    last_ping: Instant,
+    /// No client message until then closes the connection.
+    idle: Instant,
+    /// Next re-authentication.
+    reauth: Instant,
+    /// The token's expiry (`exp` + leeway), if it has one.
+    expires: Option<Instant>,
+}
+
+impl Timers {
+    fn next(&self) -> Instant {
+        let t = self.heartbeat.min(self.idle).min(self.reauth);
+        self.expires.map_or(t, |e| t.min(e))
+    }
+}
+
+/// One live connection.
+struct Session<S> {
+    /// Shared instance state.
+    gw: Arc<Gateway>,
+    /// The socket.
+    ws: WebSocketStream<S>,
+    /// Process-unique number (registry and hub key).
+    id: SessionId,
+    /// The id clients and logs see: `<instance>.<number>`.
+    name: String,
+    /// The user id.
+    user: String,
+    /// The client's address.
+    ip: IpAddr,
+    /// When the connection was accepted (for `conn.connected_at`).
+    connected_at: SystemTime,
+    /// Decides each client frame.
+    pipeline: Pipeline,
+    /// This session's end of the hub, kept to subscribe and to see overflow.
+    outbox: Outbox,
+    /// Deliveries for this client.
+    outbox_rx: mpsc::Receiver<Outbound>,
+    /// Instructions from the registry (replacement, logout).
+    control_rx: mpsc::Receiver<Control>,
+    /// Whether `control_rx` can still deliver (stop polling a closed channel).
+    control_open: bool,
+    /// The lifecycle phase.
+    phase: watch::Receiver<Phase>,
+    /// Whether `phase` can still change.
+    phase_open: bool,
+    /// Channels this session is subscribed to.
+    channels: Vec<Box<str>>,
+    /// The current token, for re-authentication. Never logged.
+    token: String,
+    /// The upgrade request as connect rules see it, for re-authentication.
+    request: RequestInfo,
+    /// Heartbeat, idle, re-authentication and expiry.
+    timers: Timers,
+    /// Keeps this connection counted against its IP until it ends.
+    _ip_slot: IpSlot,
+}
+
+/// Serves an upgraded connection until it ends.
+pub async fn run<S>(ws: WebSocketStream<S>, admitted: Admitted, gw: Arc<Gateway>) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Admitted { policy, user, claims, token, expires_at, limits, request, ip_slot, audit, .. } = admitted;
+    let id = gw.next_session_id();
+    let name = format!("{}.{id}", gw.options.instance_id);
+    let ip = request.ip;
+    decisions::would_deny("handshake", &audit, &user, ip, &name);
+    let connected_at = SystemTime::now();
+    let conn =
+        ConnInfo { id: name.clone(), user: user.clone(), ip, instance: gw.options.instance_id.clone(), connected_at };
+    let ctx = ConnContext::new(policy, &claims, &conn);
+    drop(claims);
+    let now = Instant::now();
+    let timers = Timers {
+        heartbeat: now + limits.heartbeat_interval,
+        awaiting_pong: false,
+        last_ping: now,
+        idle: now + limits.idle_timeout,
+        reauth: now + limits.reauth_interval,
+        expires: expires_at.map(instant_of),
+    };
+    let (outbox, outbox_rx) = Outbox::new(OUTBOX_CAPACITY);
+    let (control_tx, control_rx) = mpsc::channel(2);
+    let max_per_user = limits.max_per_user;
+    let heartbeat_ms = limits.heartbeat_interval.as_millis();
+    let mut session = Session {
+        phase: gw.watch_phase(),
+        gw: gw.clone(),
+        ws,
+        id,
+        name,
+        user,
+        ip,
+        connected_at,
+        pipeline: Pipeline::new(ctx, limits),
+        outbox,
+        outbox_rx,
+        control_rx,
+        control_open: true,
+        phase_open: true,
+        channels: Vec::new(),
+        token,
+        request,
+        timers,
+        _ip_slot: ip_slot,
+    };
+    let replaced = gw.sessions.register(&session.user, id, control_tx, max_per_user);
+    tracing::info!(session = %session.name, user = %session.user, ip = %ip, replaced, "connection opened");
+    session.subscribe("alerts");
+    let own = format!("user:{}", session.user);
+    session.subscribe(&own);
+    let welcome = json!({
+        "type": "welcome",
+        "session": session.name,
+        "user": session.user,
+        "instance": gw.options.instance_id,
+        "heartbeat_ms": heartbeat_ms,
+    });
+    let ended = match session.send_json(&welcome).await {
+        Ok(()) => session.serve().await,
+        Err(ended) => ended,
+    };
+    let lived = connected_at.elapsed().unwrap_or_default();
+    tracing::info!(session = %session.name, user = %session.user, ended = ?ended, seconds = lived.as_secs_f64(), "connection closed");
+    ended
+}
+
+/// A wall-clock instant as an instant on tokio's clock (the past becomes now).
+fn instant_of(t: SystemTime) -> Instant {
+    let now = Instant::now();
+    t.duration_since(SystemTime::now()).map_or(now, |d| now + d)
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn serve(&mut self) -> Ended {
+        loop {
+            let deadline = self.timers.next();
+            let step = tokio::select! {
+                biased;
+                control = self.control_rx.recv(), if self.control_open => self.on_control(control).await,
+                changed = self.phase.changed(), if self.phase_open => self.on_phase(changed.is_ok()).await,
+                frame = self.ws.next() => self.on_frame(frame).await,
+                out = self.outbox_rx.recv() => self.on_outbound(out).await,
+                () = sleep_until(deadline) => self.on_timer().await,
+            };
+            if let Err(ended) = step {
+                return ended;
+            }
+        }
+    }
+
+    async fn on_control(&mut self, control: Option<Control>) -> Result<(), Ended> {
+        match control {
+            Some(Control::Close(code, reason)) => Err(self.close(code, &reason).await),
+            None => {
+                self.control_open = false;
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_phase(&mut self, open: bool) -> Result<(), Ended> {
+        self.phase_open = open;
+        if !open || *self.phase.borrow_and_update() != Phase::Running {
+            return Err(self.close(CloseCode::GoingAway, "server shutting down").await);
+        }
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Ended> {
+        let message = match frame {
+            None => return Err(Ended::Dropped("connection lost")),
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(self.on_read_error(e).await),
+        };
+        // Anything from the peer shows it is alive.
+        if self.timers.awaiting_pong {
+            self.timers.awaiting_pong = false;
+            self.timers.heartbeat = self.timers.last_ping + self.pipeline.limits.heartbeat_interval;
+        }
+        match message {
+            Message::Text(text) => self.on_data(Frame::Text(&text)).await,
+            Message::Binary(bytes) => self.on_data(Frame::Binary(&bytes)).await,
+            // tungstenite answers pings itself; pongs only count as liveness.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            Message::Close(frame) => {
+                // Flush the close echo tungstenite has queued, then we are done.
+                let _ = timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
+                Err(Ended::ClientClosed(frame.map(|f| u16::from(f.code))))
+            }
+        }
+    }
+
+    async fn on_read_error(&mut self, e: WsError) -> Ended {
+        match e {
+            WsError::Capacity(_) => {
+                let max = self.pipeline.limits.max_bytes;
+                decisions::message_refused(
+                    Err(CloseCode::TooBig),
+                    None,
+                    "message too large",
+                    &self.user,
+                    self.ip,
+                    &self.name,
+                );
+                self.close(CloseCode::TooBig, &format!("message larger than {max} bytes")).await
+            }
+            WsError::Utf8(_) => self.close(CloseCode::InvalidPayload, "text frame is not UTF-8").await,
+            WsError::Protocol(p) => {
+                tracing::debug!(session = %self.name, error = %p, "WebSocket protocol error");
+                self.close(CloseCode::ProtocolError, "protocol error").await
+            }
+            _ => Ended::Dropped("connection lost"),
+        }
+    }
+
+    /// A data frame: the pipeline decides, then the message is routed or refused.
+    async fn on_data(&mut self, frame: Frame<'_>) -> Result<(), Ended> {
+        let now = Instant::now();
+        self.timers.idle = now + self.pipeline.limits.idle_timeout;
+        let failpoint = self.gw.failpoint().cloned();
+        let pipeline = &mut self.pipeline;
+        // A panic deciding one message (a bug, in us or a dependency) closes this connection
+        // with 1011 and leaves everyone else untouched.
+        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let decision = pipeline.process(frame, now, SystemTime::now());
+            if let (Some(Failpoint::PanicOnMessageType(kind)), Decision::Accept { message, .. }) =
+                (&failpoint, &decision)
+                && message.get("type").and_then(Value::as_str) == Some(kind.as_str())
+            {
+                panic!("failpoint panic_on_message_type:{kind}");
+            }
+            decision
+        }));
+        let decision = match decided {
+            Ok(d) => d,
+            Err(_) => {
+                tracing::error!(session = %self.name, "internal error while deciding a message");
+                return Err(self.close(CloseCode::Internal, "internal error").await);
+            }
+        };
+        match decision {
+            Decision::Accept { message, audit } => {
+                decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
+                self.route(message).await
+            }
+            Decision::Ignore => Ok(()),
+            Decision::Refuse { code, id, reason, rule, audit } => {
+                decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
+                decisions::message_refused(Ok(code), rule.as_ref(), &reason, &self.user, self.ip, &self.name);
+                self.send_error(id.as_deref(), code, &reason).await
+            }
+            Decision::Close { code, reason, rule } => {
+                decisions::message_refused(Err(code), rule.as_ref(), &reason, &self.user, self.ip, &self.name);
+                Err(self.close(code, &reason).await)
+            }
+        }
+    }
+
+    /// An accepted message, by type.
+    async fn route(&mut self, message: Value) -> Result<(), Ended> {
+        let id = message.get("id").and_then(Value::as_str);
+        let kind = message.get("type").and_then(Value::as_str).unwrap_or_default();
+        let channel = message.get("channel").and_then(Value::as_str);
+        match (kind, channel) {
+            ("subscribe", Some(channel)) => {
+                if !self.channels.iter().any(|c| &**c == channel) {
+                    if self.channels.len() >= MAX_SUBSCRIPTIONS {
+                        let reason = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
+                        return self.send_error(id, ErrorCode::Forbidden, &reason).await;
+                    }
+                    self.subscribe(channel);
+                }
+                self.send_ok(id).await
+            }
+            ("unsubscribe", Some(channel)) => {
+                self.unsubscribe(channel);
+                self.send_ok(id).await
+            }
+            ("publish", Some(channel)) => {
+                let data = message.get("data").unwrap_or(&Value::Null);
+                let delivery = Delivery::new(channel, self.gw.ids.next_id(), data);
+                if let Err(e) = self.gw.backplane.publish(delivery).await {
+                    tracing::error!(session = %self.name, error = %e.0, "publish failed");
+                    return Err(self.close(CloseCode::Internal, "publish failed").await);
+                }
+                self.send_ok(id).await
+            }
+            ("subscribe" | "unsubscribe" | "publish", None) => {
+                self.send_error(id, ErrorCode::SchemaViolation, "`channel` must be a string").await
+            }
+            ("auth", _) => {
+                let token = message.get("token").and_then(Value::as_str).unwrap_or_default();
+                self.on_auth(id, token).await
+            }
+            ("ping", _) => {
+                let pong = match id {
+                    Some(id) => json!({"type": "pong", "ref": id}),
+                    None => json!({"type": "pong"}),
+                };
+                self.send_json(&pong).await
+            }
+            // A type the policy defines beyond the built-in ones: validated and acknowledged.
+            _ => self.send_ok(id).await,
+        }
+    }
+
+    /// An `auth` message: a valid token for the same user replaces the session's token and
+    /// its expiry; anything else is refused and the current token stands.
+    async fn on_auth(&mut self, id: Option<&str>, token: &str) -> Result<(), Ended> {
+        let policy = self.gw.policy();
+        match self.authenticate(&policy, token) {
+            Ok((claims, expires)) => {
+                self.apply_token(policy, token.to_string(), &claims, expires);
+                self.send_ok(id).await
+            }
+            Err((_, reason)) => {
+                decisions::message_refused(Ok(ErrorCode::Forbidden), None, &reason, &self.user, self.ip, &self.name);
+                self.send_error(id, ErrorCode::Forbidden, &reason).await
+            }
+        }
+    }
+
+    /// Verifies `token` for this session under `policy`: signature, expiry, same user,
+    /// connect rules and limits. On failure, the close code a re-check would use and why.
+    fn authenticate(&self, policy: &Policy, token: &str) -> Result<(Value, Option<SystemTime>), (CloseCode, String)> {
+        let claims = policy.auth.jwt.verify(token).map_err(|e| (CloseCode::TokenExpired, e.reason().to_string()))?;
+        let scope = policy.handshake_scope(&claims, &self.request, SystemTime::now());
+        match scope.user_id() {
+            Ok(user) if user == self.user => {}
+            Ok(_) => return Err((CloseCode::TokenExpired, "the token is for another user".into())),
+            Err(_) => return Err((CloseCode::TokenExpired, "the user id could not be determined".into())),
+        }
+        let verdict = scope.connect_rules();
+        decisions::would_deny("reauth", &verdict.audit, &self.user, self.ip, &self.name);
+        if let Some(denial) = verdict.denied {
+            return Err((CloseCode::Revoked, denial.reason.to_string()));
+        }
+        let expires = auth::expiry(&claims, Duration::from_secs(policy.auth.jwt.validation.leeway));
+        Ok((claims, expires))
+    }
+
+    fn apply_token(&mut self, policy: Arc<Policy>, token: String, claims: &Value, expires: Option<SystemTime>) {
+        let conn = ConnInfo {
+            id: self.name.clone(),
+            user: self.user.clone(),
+            ip: self.ip,
+            instance: self.gw.options.instance_id.clone(),
+            connected_at: self.connected_at,
+        };
+        self.pipeline.ctx = ConnContext::new(policy, claims, &conn);
+        self.token = token;
+        self.timers.expires = expires.map(instant_of);
+    }
+
+    async fn on_outbound(&mut self, out: Option<Outbound>) -> Result<(), Ended> {
+        match out {
+            Some(Outbound::Frame(_)) | Some(Outbound::Overflow) if self.outbox.overflowed() => {
+                let reason = format!("more than {OUTBOX_CAPACITY} undelivered messages");
+                Err(self.close(CloseCode::SlowConsumer, &reason).await)
+            }
+            Some(Outbound::Frame(frame)) => self.send(Message::Text(frame)).await,
+            // The session holds a sender itself, so the queue never closes.
+            Some(Outbound::Overflow) | None => Ok(()),
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), Ended> {
+        let now = Instant::now();
+        if self.timers.expires.is_some_and(|e| now >= e) {
+            return Err(self.close(CloseCode::TokenExpired, "token expired").await);
+        }
+        let (pong_timeout, reauth) = (self.pipeline.limits.heartbeat_timeout, self.pipeline.limits.reauth_interval);
+        if now >= self.timers.heartbeat {
+            if self.timers.awaiting_pong {
+                tracing::info!(session = %self.name, user = %self.user, "heartbeat timeout: dropping the connection");
+                return Err(Ended::Dropped("heartbeat timeout"));
+            }
+            self.timers.awaiting_pong = true;
+            self.timers.last_ping = now;
+            self.timers.heartbeat = now + pong_timeout;
+            self.send(Message::Ping(Default::default())).await?;
+        }
+        if now >= self.timers.idle {
+            return Err(self.close(CloseCode::Normal, "idle timeout").await);
+        }
+        if now >= self.timers.reauth {
+            self.timers.reauth = now + reauth;
+            let policy = self.gw.policy();
+            let token = std::mem::take(&mut self.token);
+            match self.authenticate(&policy, &token) {
+                Ok((claims, expires)) => self.apply_token(policy, token, &claims, expires),
+                Err((code, reason)) => {
+                    tracing::info!(
+                        target: decisions::TARGET,
+                        kind = "reauth",
+                        outcome = "deny",
+                        close = code.code(),
+                        user = %self.user,
+                        ip = %self.ip,
+                        session = %self.name,
+                        reason = %reason,
+                        "re-authentication failed"
+                    );
+                    return Err(self.close(code, &format!("re-authentication failed: {reason}")).await);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribe(&mut self, channel: &str) {
+        if self.gw.hub.subscribe(channel, self.id, &self.outbox) {
+            self.gw.backplane.interest(channel, true);
+        }
+        self.channels.push(channel.into());
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        if let Some(i) = self.channels.iter().position(|c| &**c == channel) {
+            self.channels.swap_remove(i);
+            if self.gw.hub.unsubscribe(channel, self.id) {
+                self.gw.backplane.interest(channel, false);
+            }
+        }
+    }
+
+    async fn send_ok(&mut self, id: Option<&str>) -> Result<(), Ended> {
+        match id {
+            Some(id) => self.send_json(&json!({"type": "ok", "ref": id})).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn send_error(&mut self, id: Option<&str>, code: ErrorCode, reason: &str) -> Result<(), Ended> {
+        self.send_json(&json!({"type": "error", "ref": id, "code": code.as_str(), "reason": reason})).await
+    }
+
+    async fn send_json(&mut self, value: &Value) -> Result<(), Ended> {
+        self.send(Message::Text(Utf8Bytes::from(value.to_string()))).await
+    }
+
+    /// Sends one frame; a client that does not take it within `heartbeat.timeout` is a slow
+    /// consumer.
+    async fn send(&mut self, message: Message) -> Result<(), Ended> {
+        let deadline = self.pipeline.limits.heartbeat_timeout;
+        match timeout(deadline, self.ws.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::Dropped("write failed")),
+            Err(_) => Err(self.close(CloseCode::SlowConsumer, "the client does not read").await),
+        }
+    }
+
+    /// Sends a close frame and waits (bounded) for the client's; then the connection is done.
+    async fn close(&mut self, code: CloseCode, reason: &str) -> Ended {
+        let frame = CloseFrame { code: code.code().into(), reason: truncate(reason, MAX_CLOSE_REASON).into() };
+        let ws = &mut self.ws;
+        let _ = timeout(CLOSE_TIMEOUT, async move {
+            if ws.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+        Ended::Closed(code, reason.to_string())
+    }
+}
+
+impl<S> Drop for Session<S> {
+    fn drop(&mut self) {
+        self.gw.sessions.deregister(&self.user, self.id);
+        for channel in self.gw.hub.unsubscribe_all(self.channels.iter().map(|c| &**c), self.id) {
+            self.gw.backplane.interest(&channel, false);
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

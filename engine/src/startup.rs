@@ -1,0 +1,222 @@
+//! `wsgate serve`: everything between the command line and [`server::serve`] — flags and
+//! their environment twins, logging, the `--dev` conveniences, and the start-up checks. The
+//! whole policy (CEL, schemas, keys) is compiled before anything binds; a refused policy, a
+//! missing key or plaintext on a non-loopback address exits with status 64 and says why.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, ValueEnum};
+use tokio::net::TcpListener;
+
+use crate::cli::{EXIT_CONFIG, parse_ttl, print_errors};
+use crate::gateway::{Failpoint, Gateway, GatewayOptions};
+use crate::policy::compile::process_env;
+use crate::policy::{CompileOptions, PolicySource, compile};
+use crate::server::{self, Listeners, ServeOptions};
+
+/// The environment variable the default policy reads its HS256 secret from.
+const DEV_SECRET_ENV: &str = "WSGATE_JWT_SECRET";
+
+/// `wsgate serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The policy directory.
+    #[arg(long, env = "WSGATE_POLICIES", default_value = "./policies")]
+    pub policies: PathBuf,
+    /// The public WebSocket address (port 0: any free port).
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The admin address: metrics, health, admin API.
+    #[arg(long, env = "WSGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Redis URL for running several instances as one.
+    #[arg(long, env = "WSGATE_REDIS_URL")]
+    pub redis: Option<String>,
+    /// This instance's id (default: host name and process id).
+    #[arg(long, env = "WSGATE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Development mode: an ephemeral HS256 secret when none is set, and a ready token.
+    #[arg(long)]
+    pub dev: bool,
+    /// Serve plaintext on a non-loopback address (tokens then cross the network in clear).
+    #[arg(long, env = "WSGATE_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
+    /// Log format.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+    /// How long shutdown waits for clients' close handshakes.
+    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
+    pub drain_timeout: Duration,
+    /// Most connections held at once.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn refuse_start(message: &str) -> ExitCode {
+    eprintln!("wsgate: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Runs `wsgate serve` to the end.
+pub fn run(args: ServeArgs) -> ExitCode {
+    init_logging(args.log_format);
+    if args.redis.is_some() {
+        return refuse_start("--redis: Redis scale-out is not part of this build yet");
+    }
+    if args.tls_cert.is_some() {
+        return refuse_start(
+            "--tls-cert/--tls-key: TLS is not part of this build yet; terminate TLS in front of wsgate",
+        );
+    }
+    for (what, addr) in [("--listen", args.listen), ("--admin-listen", args.admin_listen)] {
+        if !addr.ip().is_loopback() {
+            if !args.allow_plaintext {
+                return refuse_start(&format!(
+                    "{what} {addr} is not a loopback address and TLS is not configured; tokens would cross the network in clear (--allow-plaintext overrides)"
+                ));
+            }
+            tracing::warn!(address = %addr, "PLAINTEXT on a non-loopback address (--allow-plaintext): tokens cross the network in clear");
+        }
+    }
+
+    // --dev: an ephemeral secret, used only when none is set.
+    let dev_secret = (args.dev && process_env(DEV_SECRET_ENV).is_none_or(|s| s.is_empty())).then(random_secret);
+    let lookup = |name: &str| match (&dev_secret, name) {
+        (Some(secret), DEV_SECRET_ENV) => Some(secret.clone()),
+        _ => process_env(name),
+    };
+    let options = CompileOptions { generation: 1, secret_lookup: &lookup };
+    let policy = match PolicySource::read_dir(&args.policies).and_then(|source| compile(&source, &options)) {
+        Ok(p) => Arc::new(p),
+        Err(errors) => {
+            print_errors(&errors);
+            return refuse_start(&format!("the policy in {} is refused; nothing was started", args.policies.display()));
+        }
+    };
+    tracing::info!(
+        policy = %args.policies.display(),
+        generation = policy.generation,
+        sha256 = %policy.content_hash,
+        "policy loaded"
+    );
+
+    let failpoint =
+        if cfg!(debug_assertions) { process_env("WSGATE_FAILPOINT").and_then(|f| Failpoint::parse(&f)) } else { None };
+    let gateway_options = GatewayOptions {
+        instance_id: args.instance_id.clone().unwrap_or_else(default_instance_id),
+        admin_token: process_env("WSGATE_ADMIN_TOKEN").filter(|t| !t.is_empty()),
+        failpoint,
+    };
+    if gateway_options.admin_token.is_none() {
+        tracing::info!("WSGATE_ADMIN_TOKEN is not set: state-changing admin calls answer 403");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let (ws, admin) = match (TcpListener::bind(args.listen).await, TcpListener::bind(args.admin_listen).await) {
+            (Ok(ws), Ok(admin)) => (ws, admin),
+            (Err(e), _) => return refuse_start(&format!("cannot listen on {}: {e}", args.listen)),
+            (_, Err(e)) => return refuse_start(&format!("cannot listen on {}: {e}", args.admin_listen)),
+        };
+        let (ws_addr, admin_addr) = match (ws.local_addr(), admin.local_addr()) {
+            (Ok(w), Ok(a)) => (w, a),
+            _ => return refuse_start("cannot read the listening addresses"),
+        };
+        println!("wsgate listening ws={ws_addr} admin={admin_addr}");
+        if let Some(secret) = &dev_secret {
+            print_dev_token(secret, ws_addr);
+        } else if args.dev
+            && let Some(secret) = process_env(DEV_SECRET_ENV)
+        {
+            print_dev_token(&secret, ws_addr);
+        }
+        let gw = Gateway::new(policy, gateway_options);
+        let serve_options = ServeOptions { max_connections: args.max_connections, drain_timeout: args.drain_timeout };
+        match server::serve(Listeners { ws, admin }, gw, serve_options, shutdown_signal()).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+/// A development token for `dev-user` with the publisher role, printed with a ready URL.
+fn print_dev_token(secret: &str, ws_addr: SocketAddr) {
+    let claims = [("roles".to_string(), r#"["publisher"]"#.to_string())];
+    match crate::token::mint(secret.as_bytes(), "dev-user", Duration::from_secs(3600), &claims, SystemTime::now()) {
+        Ok(token) => {
+            println!("dev token (sub=dev-user, roles=[publisher], valid 1h): {token}");
+            println!("connect: ws://{ws_addr}/ws?token={token}");
+        }
+        Err(e) => eprintln!("wsgate: cannot mint a dev token: {e}"),
+    }
+}
+
+/// 32 random bytes, hex: an HS256 secret for this process only.
+fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS has no randomness for a development secret");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wsgate".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
