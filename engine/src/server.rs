@@ -58,8 +58,8 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves until `shutdown` completes, then drains: new handshakes get 503, every client is
-/// sent 1001, and the call returns when all connections are gone or the drain timeout passed.
+/// Serves until `shutdown` completes, then drains: every client is sent 1001, new handshakes
+/// get 503, and the call returns when all connections are gone or the drain timeout passed.
 pub async fn serve(
     listeners: Listeners,
     gw: Arc<Gateway>,
@@ -90,11 +90,24 @@ pub async fn serve(
     }
     tracing::info!("shutting down: draining connections");
     gw.set_phase(Phase::Draining);
-    drop(listeners.ws);
     drop(done_tx);
-    if timeout(options.drain_timeout, done_rx.recv()).await.is_err() {
-        tracing::warn!(timeout = ?options.drain_timeout, "drain timeout: dropping the remaining connections");
+    // While clients finish their close handshakes, new ones still get an answer: 503.
+    let drained = timeout(options.drain_timeout, done_rx.recv());
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            outcome = &mut drained => {
+                if outcome.is_err() {
+                    tracing::warn!(timeout = ?options.drain_timeout, "drain timeout: dropping the remaining connections");
+                }
+                break;
+            }
+            (stream, peer) = accept(&listeners.ws) => {
+                tokio::spawn(handle(stream, peer, gw.clone()));
+            }
+        }
     }
+    drop(listeners.ws);
     admin.abort();
     Ok(())
 }

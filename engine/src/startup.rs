@@ -157,6 +157,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
             (Ok(w), Ok(a)) => (w, a),
             _ => return refuse_start("cannot read the listening addresses"),
         };
+        // Handlers go in before anyone can know the address: a SIGTERM right after the listening
+        // line must drain, not kill.
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => return refuse_start(&format!("cannot install signal handlers: {e}")),
+        };
         println!("wsgate listening ws={ws_addr} admin={admin_addr}");
         if let Some(secret) = &dev_secret {
             print_dev_token(secret, ws_addr);
@@ -167,7 +173,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
         let gw = Gateway::new(policy, gateway_options);
         let serve_options = ServeOptions { max_connections: args.max_connections, drain_timeout: args.drain_timeout };
-        match server::serve(Listeners { ws, admin }, gw, serve_options, shutdown_signal()).await {
+        match server::serve(Listeners { ws, admin }, gw, serve_options, shutdown).await {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -208,15 +214,15 @@ fn default_instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

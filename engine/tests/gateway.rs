@@ -1,0 +1,407 @@
+//! The gateway in-process: real handshakes and sessions over in-memory streams, so tokio's
+//! paused clock drives heartbeats, token expiry, re-authentication, idle and rate windows —
+//! minutes of protocol time in milliseconds. End-to-end behaviour against real processes is
+//! covered by the harness scenarios (`harness/scenarios`).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::DuplexStream;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use wsgate::broker::Delivery;
+use wsgate::gateway::{Failpoint, Gateway, GatewayOptions, Phase};
+use wsgate::policy::source::SourceFile;
+use wsgate::policy::{CompileOptions, Policy, PolicySource, compile};
+
+type Client = WebSocketStream<DuplexStream>;
+
+fn secret(_: &str) -> Option<String> {
+    Some(common::SECRET.to_string())
+}
+
+fn policy(edit: impl Fn(String) -> String) -> Arc<Policy> {
+    let mut source = PolicySource::read_dir(&common::default_policy_dir()).unwrap();
+    let doc = source.documents[0].text.clone();
+    let edited = edit(doc.clone());
+    source.documents = vec![SourceFile { name: "policy.yaml".into(), text: edited }];
+    Arc::new(compile(&source, &CompileOptions { generation: 1, secret_lookup: &secret }).unwrap())
+}
+
+fn gateway(edit: impl Fn(String) -> String) -> Arc<Gateway> {
+    gateway_with(edit, None)
+}
+
+fn gateway_with(edit: impl Fn(String) -> String, failpoint: Option<Failpoint>) -> Arc<Gateway> {
+    Gateway::new(policy(edit), GatewayOptions { instance_id: "test".into(), admin_token: None, failpoint })
+}
+
+fn same(s: String) -> String {
+    s
+}
+
+fn token(sub: &str, ttl: Duration, claims: &[(&str, &str)]) -> String {
+    let claims: Vec<(String, String)> = claims.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    wsgate::token::mint(common::SECRET.as_bytes(), sub, ttl, &claims, SystemTime::now()).unwrap()
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A refused handshake: status, `Retry-After`, body.
+#[derive(Debug)]
+struct Refused {
+    status: u16,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+async fn connect_from(
+    gw: &Arc<Gateway>,
+    target: &str,
+    peer: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<Client, Refused> {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let peer: SocketAddr = peer.parse().unwrap();
+    tokio::spawn(wsgate::server::handle(server, peer, gw.clone()));
+    let mut request = format!("ws://localhost{target}").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    match tokio_tungstenite::client_async(request, client).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(response)) => Err(Refused {
+            status: response.status().as_u16(),
+            retry_after: response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()),
+            body: serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap_or(Value::Null),
+        }),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+async fn connect(gw: &Arc<Gateway>, token: &str) -> Client {
+    let mut ws = connect_from(gw, &format!("/ws?token={token}"), "127.0.0.1:40000", &[]).await.expect("admitted");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    ws
+}
+
+/// The next data frame as JSON (pings are answered by the client library as it reads).
+async fn next_json(ws: &mut Client) -> Value {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the connection ends: the server's close code, or `None` when it was dropped
+/// without a close frame.
+async fn close_code(ws: &mut Client) -> Option<u16> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// Waits (on the real clock, bounded) until `done` holds.
+async fn wait_for(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "condition not reached within 5 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn send(ws: &mut Client, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_drops_a_silent_peer_and_keeps_a_responsive_one() {
+    let gw = gateway(same);
+    let mut silent = connect(&gw, &token("silent", HOUR, &[])).await;
+    let mut alive = connect(&gw, &token("alive", HOUR, &[])).await;
+    let start = Instant::now();
+    // The responsive client reads all along (its library answers pings); the silent one does not.
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        while Instant::now() < start + Duration::from_secs(125) {
+            match tokio::time::timeout(Duration::from_secs(1), alive.next()).await {
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(other))) => panic!("unexpected {other:?}"),
+                Ok(other) => panic!("the responsive client was dropped: {other:?}"),
+                Err(_) => {}
+            }
+        }
+        send(&mut alive, json!({"type": "ping", "id": "p"})).await;
+        assert_eq!(next_json(&mut alive).await, json!({"type": "pong", "ref": "p"}));
+        pings
+    });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // Ping at 30 s, no pong by 40 s: dropped without a close frame.
+    assert_eq!(close_code(&mut silent).await, None);
+    let pings = reader.await.unwrap();
+    assert_eq!(pings, 4, "one ping per 30 s interval over 125 s");
+    assert!(start.elapsed() < Duration::from_secs(130));
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_expiry_closes_4001_at_exp_plus_leeway() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", Duration::from_secs(60), &[])).await;
+    let start = Instant::now();
+    assert_eq!(close_code(&mut ws).await, Some(4001));
+    let at = start.elapsed();
+    // `exp` is whole seconds: 59–60 s from now, plus the default policy's 5 s leeway.
+    assert!(at >= Duration::from_secs(63) && at <= Duration::from_secs(66), "closed after {at:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_message_extends_the_session_only_for_the_same_user() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", Duration::from_secs(60), &[])).await;
+    let start = Instant::now();
+    // Another user's valid token is refused and the original expiry stands.
+    send(&mut ws, json!({"type": "auth", "id": "a1", "token": token("mallory", HOUR, &[])})).await;
+    let refused = next_json(&mut ws).await;
+    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("forbidden")), "{refused}");
+    assert_eq!(refused["ref"], "a1");
+    assert_eq!(close_code(&mut ws).await, Some(4001));
+    assert!(start.elapsed() < Duration::from_secs(70));
+
+    let mut ws = connect(&gw, &token("bob", Duration::from_secs(60), &[])).await;
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    send(&mut ws, json!({"type": "auth", "id": "a2", "token": token("bob", Duration::from_secs(300), &[])})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": "a2"}));
+    // The new token's 300 s (+5 s leeway) count from when it was presented, 30 s in: closed at
+    // about 335 s, not 65 s.
+    assert_eq!(close_code(&mut ws).await, Some(4001));
+    let at = start.elapsed();
+    assert!(at >= Duration::from_secs(333) && at <= Duration::from_secs(336), "closed after {at:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reauthentication_rechecks_under_the_current_policy() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", Duration::from_secs(86_400), &[])).await;
+    let start = Instant::now();
+    // Keep the connection from idling out while the re-check is pending.
+    let keep_busy = {
+        let deny_alice = policy(|doc| {
+            doc.replace(
+                "deny: 'has(claims.roles) && \"banned\" in claims.roles'",
+                "deny: 'has(claims.roles) && \"banned\" in claims.roles || claims.sub == \"alice\"'",
+            )
+        });
+        gw.set_policy(deny_alice);
+        async move {
+            // Read all along (answering heartbeat pings) and send a message every minute.
+            let mut next_ping = Instant::now();
+            loop {
+                if Instant::now() >= next_ping {
+                    // Once the server has closed, the write fails and the read finds the close.
+                    let _ = ws.send(Message::Text(json!({"type": "ping"}).to_string().into())).await;
+                    next_ping += Duration::from_secs(60);
+                }
+                match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
+                    Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| u16::from(f.code)),
+                    Ok(Some(Ok(_))) | Err(_) => {}
+                    Ok(_) => return None,
+                }
+            }
+        }
+    };
+    assert_eq!(keep_busy.await, Some(4003), "a connect rule now denies: access revoked");
+    let at = start.elapsed();
+    assert!(at >= Duration::from_secs(900) && at < Duration::from_secs(960), "re-checked after {at:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_is_closed_1000() {
+    let gw = gateway(|d| d.replace("idle_timeout: 10m", "idle_timeout: 90s"));
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    let start = Instant::now();
+    // Answering pings (as the client library does while reading) is not activity.
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    let at = start.elapsed();
+    assert!(at >= Duration::from_secs(90) && at < Duration::from_secs(91), "closed after {at:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_message_rate_window_slides_on_the_clock() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    for round in 0..3 {
+        for i in 0..25 {
+            send(&mut ws, json!({"type": "ping", "id": format!("{round}-{i}")})).await;
+        }
+        let mut codes = Vec::new();
+        for _ in 0..25 {
+            let f = next_json(&mut ws).await;
+            codes.push(f["code"].as_str().unwrap_or(f["type"].as_str().unwrap()).to_string());
+        }
+        assert_eq!(codes.iter().filter(|c| *c == "pong").count(), 20, "round {round}: {codes:?}");
+        assert_eq!(codes.iter().filter(|c| *c == "rate_limited").count(), 5, "round {round}: {codes:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn connection_limits_answer_4009_and_429_with_retry_after() {
+    let gw =
+        gateway(|d| d.replace("max_per_ip: 100", "max_per_ip: 2").replace("{max: 5, per: 1m}", "{max: 3, per: 1m}"));
+    let mut first = connect(&gw, &token("alice", HOUR, &[])).await;
+    let _second = connect(&gw, &token("alice", HOUR, &[])).await;
+    assert_eq!(close_code(&mut first).await, Some(4009), "the newer connection wins");
+    drop(first);
+    let ip = "127.0.0.1".parse().unwrap();
+    wait_for(|| gw.per_ip.count(ip) == 1).await;
+    // alice holds one slot of 127.0.0.1's two; bob takes the other; carol is refused.
+    let _bob = connect(&gw, &token("bob", HOUR, &[])).await;
+    let refused =
+        connect_from(&gw, &format!("/ws?token={}", token("carol", HOUR, &[])), "127.0.0.1:1", &[]).await.unwrap_err();
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.retry_after.as_deref(), Some("5"));
+    assert_eq!(refused.body["error"], "too_many_requests");
+    // From another address: the reconnect window (3 per minute) refuses alice's fourth handshake.
+    let alice = format!("/ws?token={}", token("alice", HOUR, &[]));
+    connect_from(&gw, &alice, "10.0.0.2:1", &[]).await.unwrap();
+    let refused = connect_from(&gw, &alice, "10.0.0.3:1", &[]).await.unwrap_err();
+    assert_eq!(refused.status, 429);
+    let retry: u64 = refused.retry_after.unwrap().parse().unwrap();
+    assert!((59..=60).contains(&retry), "Retry-After {retry}");
+}
+
+/// A handshake: target, headers, expected status (200 for admitted) and error.
+type Case = (String, Vec<(&'static str, &'static str)>, u16, &'static str);
+
+#[tokio::test]
+async fn handshake_statuses_and_bodies() {
+    let gw = gateway(|d| d.replace("allowed: [\"*\"]", "allowed: [\"https://app.example.com\"]"));
+    let good = token("alice", HOUR, &[]);
+    let cases: Vec<Case> = vec![
+        ("/nope".into(), vec![], 404, "not_found"),
+        ("/ws".into(), vec![], 401, "unauthorized"),
+        ("/ws?token=not.a.jwt".into(), vec![], 401, "unauthorized"),
+        (format!("/ws?token={}", token("alice", Duration::ZERO, &[])), vec![], 200, ""),
+        (format!("/ws?token={good}"), vec![("origin", "https://evil.example")], 403, "forbidden"),
+        (format!("/ws?token={}", token("eve", HOUR, &[("roles", r#"["banned"]"#)])), vec![], 403, "forbidden"),
+    ];
+    for (target, headers, status, error) in cases {
+        match connect_from(&gw, &target, "127.0.0.1:1", &headers).await {
+            Ok(_) => assert_eq!(status, 200, "{target} was admitted"),
+            Err(r) => {
+                assert_eq!((r.status, r.body["error"].as_str().unwrap()), (status, error), "{target}");
+                let body = r.body.to_string();
+                assert!(!body.contains(&good) && !body.contains("eyJ"), "a body never carries a token: {body}");
+            }
+        }
+    }
+    // A token via the subprotocol: the server answers `wsgate.v1` and never echoes the token.
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(wsgate::server::handle(server, "127.0.0.1:2".parse().unwrap(), gw.clone()));
+    let mut request = "ws://localhost/ws".into_client_request().unwrap();
+    let offer = format!("wsgate.v1, bearer.{good}");
+    request.headers_mut().insert("sec-websocket-protocol", offer.parse().unwrap());
+    request.headers_mut().insert("origin", "https://app.example.com".parse().unwrap());
+    let (_ws, response) = tokio_tungstenite::client_async(request, client).await.unwrap();
+    let answered: Vec<_> = response.headers().get_all("sec-websocket-protocol").iter().collect();
+    assert_eq!(answered, vec!["wsgate.v1"]);
+    // Draining: new handshakes get 503, live clients 1001.
+    let mut live =
+        connect_from(&gw, &format!("/ws?token={}", token("bob", HOUR, &[])), "127.0.0.1:3", &[]).await.unwrap();
+    assert_eq!(next_json(&mut live).await["type"], "welcome");
+    gw.set_phase(Phase::Draining);
+    assert_eq!(close_code(&mut live).await, Some(1001));
+    let refused = connect_from(&gw, &format!("/ws?token={good}"), "127.0.0.1:4", &[]).await.unwrap_err();
+    assert_eq!((refused.status, refused.body["error"].as_str()), (503, Some("unavailable")));
+}
+
+#[tokio::test]
+async fn an_oversized_message_closes_1009() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    let big = json!({"type": "ping", "pad": "x".repeat(20_000)});
+    let _ = ws.send(Message::Text(big.to_string().into())).await;
+    assert_eq!(close_code(&mut ws).await, Some(1009));
+}
+
+#[tokio::test]
+async fn a_panic_deciding_a_message_closes_only_that_connection_1011() {
+    let gw = gateway_with(
+        |d| {
+            d.replace(
+                "    ping:\n      schema: ping.json",
+                "    ping:\n      schema: ping.json\n    boom:\n      schema: ping.json",
+            )
+        },
+        Some(Failpoint::PanicOnMessageType("ping".into())),
+    );
+    let mut other = connect(&gw, &token("bob", HOUR, &[])).await;
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(close_code(&mut ws).await, Some(1011));
+    send(&mut other, json!({"type": "subscribe", "channel": "alerts.x", "id": "s"})).await;
+    assert_eq!(next_json(&mut other).await, json!({"type": "ok", "ref": "s"}));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_does_not_read_is_closed_4008_with_bounded_memory() {
+    let gw = gateway(same);
+    let mut slow = connect(&gw, &token("slow", HOUR, &[])).await;
+    let data = json!({"text": "x".repeat(1000)});
+    let mut dropped = 0;
+    for _ in 0..2000 {
+        let fanout = gw.backplane.publish(Delivery::new("user:slow", gw.ids.next_id(), &data)).await.unwrap();
+        dropped += fanout.dropped;
+    }
+    assert!(dropped > 0, "the bounded outbox refused deliveries instead of growing");
+    // The session is stuck writing into a full pipe; after heartbeat.timeout (10 s) it gives up.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(close_code(&mut slow).await, Some(4008));
+}
+
+#[tokio::test]
+async fn subscribe_publish_and_deliveries() {
+    let gw = gateway(same);
+    let mut publisher = connect(&gw, &token("pub", HOUR, &[("roles", r#"["publisher"]"#)])).await;
+    let mut reader = connect(&gw, &token("reader", HOUR, &[])).await;
+    let mut outsider = connect(&gw, &token("outsider", HOUR, &[])).await;
+    send(&mut reader, json!({"type": "subscribe", "channel": "alerts.eu", "id": "1"})).await;
+    assert_eq!(next_json(&mut reader).await, json!({"type": "ok", "ref": "1"}));
+    send(&mut reader, json!({"type": "subscribe", "channel": "secret", "id": "2"})).await;
+    let refused = next_json(&mut reader).await;
+    assert_eq!((refused["code"].as_str(), refused["ref"].as_str()), (Some("forbidden"), Some("2")));
+    // A refused publish reaches no one.
+    send(&mut reader, json!({"type": "publish", "channel": "alerts.eu", "data": 1, "id": "3"})).await;
+    assert_eq!(next_json(&mut reader).await["code"], "forbidden");
+    send(&mut publisher, json!({"type": "publish", "channel": "alerts.eu", "data": {"n": 2}, "id": "4"})).await;
+    assert_eq!(next_json(&mut publisher).await, json!({"type": "ok", "ref": "4"}));
+    let delivery = next_json(&mut reader).await;
+    assert_eq!((delivery["type"].as_str(), delivery["channel"].as_str()), (Some("message"), Some("alerts.eu")));
+    assert_eq!(delivery["data"], json!({"n": 2}));
+    assert!(delivery["id"].as_str().is_some_and(|id| !id.is_empty()));
+    // Everyone is in `alerts` and their own `user:<id>` from the start.
+    send(&mut publisher, json!({"type": "publish", "channel": "alerts", "data": "all"})).await;
+    send(&mut publisher, json!({"type": "publish", "channel": "user:outsider", "data": "you"})).await;
+    for ws in [&mut reader, &mut outsider, &mut publisher] {
+        assert_eq!(next_json(ws).await["data"], "all");
+    }
+    assert_eq!(next_json(&mut outsider).await["data"], "you");
+    send(&mut reader, json!({"type": "ping", "id": "5"})).await;
+    assert_eq!(next_json(&mut reader).await, json!({"type": "pong", "ref": "5"}), "nothing else was delivered");
+}

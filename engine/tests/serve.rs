@@ -1,0 +1,123 @@
+//! `wsgate serve` as a process: the start-up refusals (status 64, one clear line), `--dev`,
+//! the listening line, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn serve(args: &[&str], secret: Option<&str>) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    cmd.arg("serve").args(args).env_remove("WSGATE_ADMIN_TOKEN").env("RUST_LOG", "info");
+    match secret {
+        Some(s) => cmd.env("WSGATE_JWT_SECRET", s),
+        None => cmd.env_remove("WSGATE_JWT_SECRET"),
+    };
+    cmd
+}
+
+const EPHEMERAL: [&str; 4] = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+
+fn refused(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing listened: {}", String::from_utf8_lossy(&out.stdout));
+    stderr
+}
+
+#[test]
+fn an_invalid_policy_exits_64_before_binding() {
+    let copy = common::PolicyCopy::new();
+    copy.replace("policy.yaml", "max_per_user: 1", "max_per_usr: 1");
+    let dir = copy.path().to_str().unwrap();
+    let stderr = refused(serve(&[&EPHEMERAL[..], &["--policies", dir]].concat(), Some(common::SECRET)));
+    assert!(stderr.contains("policy.yaml:") && stderr.contains("max_per_usr"), "{stderr}");
+    assert!(stderr.contains("nothing was started"), "{stderr}");
+}
+
+#[test]
+fn a_missing_key_exits_64() {
+    let dir = common::default_policy_dir();
+    let stderr = refused(serve(&[&EPHEMERAL[..], &["--policies", dir.to_str().unwrap()]].concat(), None));
+    assert!(stderr.contains("WSGATE_JWT_SECRET"), "{stderr}");
+}
+
+#[test]
+fn plaintext_on_a_public_address_exits_64_unless_allowed() {
+    let dir = common::default_policy_dir();
+    let dir = dir.to_str().unwrap();
+    let args = ["--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--policies", dir];
+    let stderr = refused(serve(&args, Some(common::SECRET)));
+    assert!(stderr.contains("--allow-plaintext"), "{stderr}");
+    let mut child = spawn(serve(&[&args[..], &["--allow-plaintext"]].concat(), Some(common::SECRET)));
+    let (line, _) = first_lines(&mut child, 1);
+    assert!(line[0].starts_with("wsgate listening ws=0.0.0.0:"), "{line:?}");
+    stop(child);
+}
+
+fn spawn(mut cmd: Command) -> Child {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// The first `n` stdout lines, and the reader for the rest.
+fn first_lines(child: &mut Child, n: usize) -> (Vec<String>, BufReader<std::process::ChildStdout>) {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        lines.push(line.trim_end().to_string());
+    }
+    (lines, out)
+}
+
+/// SIGTERM, then the exit status must be 0.
+fn stop(mut child: Child) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_ready_token_that_connects() {
+    let dir = common::default_policy_dir();
+    let args = [&EPHEMERAL[..], &["--dev", "--policies", dir.to_str().unwrap(), "--instance-id", "dev-1"]].concat();
+    let mut child = spawn(serve(&args, None));
+    let (lines, _rest) = first_lines(&mut child, 3);
+    assert!(lines[0].starts_with("wsgate listening ws=127.0.0.1:") && lines[0].contains(" admin=127.0.0.1:"));
+    assert!(lines[1].starts_with("dev token"), "{lines:?}");
+    let url = lines[2].strip_prefix("connect: ").expect("a ready URL");
+    assert!(url.starts_with("ws://127.0.0.1:") && url.contains("/ws?token="), "{url}");
+
+    let request = url.into_client_request().unwrap();
+    let host = request.uri().authority().unwrap().to_string();
+    let tcp = tokio::net::TcpStream::connect(host).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+    let Message::Text(welcome) = welcome else { panic!("{welcome:?}") };
+    let welcome: serde_json::Value = serde_json::from_str(&welcome).unwrap();
+    assert_eq!(welcome["user"], "dev-user");
+    assert_eq!(welcome["instance"], "dev-1");
+    assert_eq!(welcome["heartbeat_ms"], 30_000);
+    // SIGTERM: the client gets 1001 and the process exits 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1001));
+    drop(ws);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}
