@@ -1,7 +1,292 @@
-//! `wsgate-harness`: validation scenarios against real `wsgate` processes and a load
-//! generator. They arrive with the gateway (`wsgate serve`); until then this binary only says so.
+//! `wsgate-harness`: runs declarative validation scenarios (`harness/scenarios/*.yaml`, format
+//! in `harness/README.md`) against real `wsgate` processes, and measures the memory an idle
+//! connection costs. This file owns the command line and the scheduling of scenarios.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("wsgate-harness: scenarios arrive with `wsgate serve`; nothing to run yet");
-    std::process::ExitCode::from(2)
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod client;
+mod duration;
+mod http;
+mod matching;
+mod memory;
+mod policy_dir;
+mod report;
+mod runner;
+mod scenario;
+mod supervisor;
+mod token;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use report::CaseResult;
+use runner::RunConfig;
+
+/// Validation scenarios and measurements against real wsgate processes.
+#[derive(Debug, Parser)]
+#[command(name = "wsgate-harness", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every `*.yaml` scenario in DIR; prints PASS/FAIL lines and `N passed, N failed`.
+    Run {
+        /// The scenario directory (e.g. harness/scenarios).
+        dir: PathBuf,
+        /// Also write the results as JUnit XML to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Only scenarios whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// How many scenarios run at once (each with its own servers).
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// The wsgate binary (default: $WSGATE_BIN, else `wsgate` next to this executable).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// The policy directory servers start from (default: the repository's `policies/`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+    /// Parse and check every scenario in DIR without running anything.
+    Check {
+        /// The scenario directory.
+        dir: PathBuf,
+    },
+    /// Measure the resident memory one idle authenticated connection costs the gateway.
+    IdleMemory {
+        /// How many idle connections to hold.
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// The wsgate binary (a release build: `cargo build --release -p wsgate`).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Fail when one connection costs more than this many KiB.
+        #[arg(long, default_value_t = 8.0)]
+        max_kib: f64,
+        /// The policy directory to start from (default: the repository's `policies/`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+}
+
+/// The repository's `policies/`: searched upward from `start`, else next to this crate.
+fn find_policies(start: &Path) -> PathBuf {
+    let start = start.canonicalize().unwrap_or_else(|_| start.to_path_buf());
+    for dir in start.ancestors() {
+        let candidate = dir.join("policies");
+        if candidate.join("policy.yaml").is_file() {
+            return candidate;
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("policies")
+}
+
+/// Scenario files in `dir`, sorted, as (name, path).
+fn scenario_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let is_yaml = path.extension().is_some_and(|e| e == "yaml");
+        if path.is_file() && is_yaml {
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            files.push((name, path));
+        } else if path.extension().is_some_and(|e| e == "yml") {
+            return Err(format!("{}: rename it to .yaml so it is not silently skipped", path.display()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+async fn run_all(
+    dir: &Path,
+    filter: Option<&str>,
+    jobs: usize,
+    cfg: RunConfig,
+    junit: Option<&Path>,
+) -> Result<bool, String> {
+    let files: Vec<_> =
+        scenario_files(dir)?.into_iter().filter(|(name, _)| filter.is_none_or(|f| name.contains(f))).collect();
+    if files.is_empty() {
+        return Err(format!(
+            "no scenario (*.yaml) in {}{}",
+            dir.display(),
+            filter.map(|f| format!(" matching {f:?}")).unwrap_or_default()
+        ));
+    }
+    let cfg = Arc::new(cfg);
+    let gate = Arc::new(Semaphore::new(jobs.max(1)));
+    let mut tasks = JoinSet::new();
+    for (name, path) in files {
+        let cfg = Arc::clone(&cfg);
+        let gate = Arc::clone(&gate);
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("the semaphore is never closed");
+            let start = Instant::now();
+            let failure = match scenario::load(&path) {
+                Err(e) => Some(format!("invalid scenario {}: {e}", path.display())),
+                Ok(scenario) => runner::run(&scenario, &cfg).await.err(),
+            };
+            CaseResult { name, file: path.display().to_string(), elapsed: start.elapsed(), failure }
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.map_err(|e| format!("a scenario task failed: {e}"))?;
+        println!("{}", report::console_line(&result));
+        results.push(result);
+    }
+    results.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(path) = junit {
+        std::fs::write(path, report::junit("wsgate-harness scenarios", &results))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    println!("{}", report::summary(&results));
+    Ok(results.iter().all(|r| r.failure.is_none()))
+}
+
+fn check_all(dir: &Path) -> Result<bool, String> {
+    let files = scenario_files(dir)?;
+    if files.is_empty() {
+        return Err(format!("no scenario (*.yaml) in {}", dir.display()));
+    }
+    let mut ok = true;
+    for (name, path) in &files {
+        match scenario::load(path) {
+            Ok(s) => match &s.description {
+                Some(d) => println!("ok   {name} ({} steps): {}", s.steps.len(), d.trim()),
+                None => println!("ok   {name} ({} steps)", s.steps.len()),
+            },
+            Err(e) => {
+                ok = false;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
+    Ok(ok)
+}
+
+async fn idle_memory(
+    connections: usize,
+    bin: Option<&Path>,
+    max_kib: f64,
+    policies: Option<PathBuf>,
+) -> Result<bool, String> {
+    let opts = memory::MemoryOptions {
+        bin: supervisor::find_wsgate(bin)?,
+        policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
+        connections,
+        parallel: 32,
+    };
+    let m = memory::measure(&opts).await?;
+    let per = m.per_connection_kib();
+    println!(
+        "idle connections: {}, rss before: {} KiB, after: {} KiB, per connection: {per:.2} KiB",
+        m.connections, m.before_kib, m.after_kib
+    );
+    if per > max_kib {
+        println!("FAIL: {per:.2} KiB per idle connection exceeds the budget of {max_kib} KiB");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Resolves on SIGINT or SIGTERM, so the harness can exit through its destructors (which kill
+/// every child) instead of dying with them still running.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate-harness: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let work = async {
+        match cli.command {
+            Command::Run { dir, junit, filter, jobs, bin, policies } => {
+                let cfg = RunConfig {
+                    bin: supervisor::find_wsgate(bin.as_deref())?,
+                    policies: policies.unwrap_or_else(|| find_policies(&dir)),
+                    ready_timeout: Duration::from_secs(20),
+                };
+                run_all(&dir, filter.as_deref(), jobs, cfg, junit.as_deref()).await
+            }
+            Command::Check { dir } => check_all(&dir),
+            Command::IdleMemory { connections, bin, max_kib, policies } => {
+                idle_memory(connections, bin.as_deref(), max_kib, policies).await
+            }
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = work => Some(outcome),
+            () = interrupted() => None,
+        }
+    });
+    // Dropping the runtime drops every task, and with them every child (kill_on_drop).
+    drop(runtime);
+    match outcome {
+        Some(Ok(true)) => ExitCode::SUCCESS,
+        Some(Ok(false)) => ExitCode::FAILURE,
+        Some(Err(e)) => {
+            eprintln!("wsgate-harness: {e}");
+            ExitCode::FAILURE
+        }
+        None => {
+            eprintln!("wsgate-harness: interrupted; every server it started was killed");
+            ExitCode::from(130)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped scenario parses and passes the format's checks, server or no server.
+    #[test]
+    fn shipped_scenarios_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let files = scenario_files(&dir).unwrap();
+        assert!(!files.is_empty());
+        for (name, path) in files {
+            scenario::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn finds_the_repository_policies() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        assert!(find_policies(&dir).join("policy.yaml").is_file());
+    }
 }

@@ -1,0 +1,326 @@
+//! The WebSocket protocol client: one handshake over a `TcpStream` the harness opens itself,
+//! then one background task per accepted connection that owns the socket, forwards what
+//! arrives to a queue and carries out commands. A connection can stop reading (a dead peer
+//! that never answers pings, a slow consumer whose TCP window fills) and resume later.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+
+/// The largest refusal body the harness reads.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// A handshake to attempt.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    /// The gateway's public address.
+    pub addr: SocketAddr,
+    /// Path and query, e.g. `/ws?token=…` (never logged: it may hold a token).
+    pub path_and_query: String,
+    /// Extra request headers (`Origin`, `Authorization`, `Cookie`, `Sec-WebSocket-Protocol`, …).
+    pub headers: Vec<(String, String)>,
+    /// Deadline for the whole handshake.
+    pub timeout: Duration,
+}
+
+/// How the connection's task reads after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Read and forward everything (and so answer pings).
+    Reading,
+    /// Read the first data frame (the welcome), then stop reading: the peer looks dead.
+    PauseAfterFirstFrame,
+}
+
+/// What a handshake came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The server upgraded; the connection runs.
+    Accepted {
+        /// The running connection.
+        conn: Connection,
+        /// The 101 response's headers (lower-case names).
+        headers: Vec<(String, String)>,
+    },
+    /// The server answered with a plain HTTP response.
+    Refused {
+        /// Its status code.
+        status: u16,
+        /// Its headers (lower-case names).
+        headers: Vec<(String, String)>,
+        /// Its body.
+        body: Vec<u8>,
+    },
+}
+
+/// Something that arrived on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+    /// A close frame (`code` is `None` for a close frame without a status).
+    Close {
+        /// The close code.
+        code: Option<u16>,
+        /// The close reason.
+        reason: String,
+    },
+    /// The connection ended without a close frame: EOF or a reset.
+    Dropped {
+        /// What the socket said.
+        error: String,
+    },
+}
+
+impl Event {
+    /// A one-line description for failure messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Event::Text(t) => format!("text frame {}", crate::matching::clip(t, 300)),
+            Event::Binary(b) => format!("binary frame of {} bytes", b.len()),
+            Event::Close { code: Some(code), reason } => format!("close frame {code} {reason:?}"),
+            Event::Close { code: None, .. } => "close frame without a code".to_string(),
+            Event::Dropped { error } => format!("connection dropped without a close frame ({error})"),
+        }
+    }
+
+    /// Whether the connection is over after this event.
+    pub fn is_end(&self) -> bool {
+        matches!(self, Event::Close { .. } | Event::Dropped { .. })
+    }
+}
+
+enum Command {
+    Send(Message, oneshot::Sender<Result<(), String>>),
+    Reading(bool),
+}
+
+/// A live connection. Dropping it aborts its task and so closes the socket without a close frame.
+#[derive(Debug)]
+pub struct Connection {
+    /// Commands to the task that owns the socket.
+    commands: mpsc::UnboundedSender<Command>,
+    /// What the task received, in order. Unbounded so the task never stops reading because the
+    /// scenario has not looked yet (that would fake a slow consumer).
+    events: mpsc::UnboundedReceiver<Event>,
+    /// The task, aborted on drop.
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Send(m, _) => write!(f, "Send({} bytes)", m.len()),
+            Command::Reading(on) => write!(f, "Reading({on})"),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Connection {
+    /// Sends a message; fails when the connection is over or the send does not finish in time
+    /// (a server that stopped reading).
+    pub async fn send(&self, message: Message, timeout: Duration) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Send(message, tx)).map_err(|_| "the connection's task has ended".to_string())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the connection's task has ended".into()),
+            Err(_) => Err(format!("the send did not complete within {timeout:?}")),
+        }
+    }
+
+    /// Sends a close frame; the server's answer arrives as an [`Event::Close`].
+    pub async fn close(&self, code: u16, reason: &str, timeout: Duration) -> Result<(), String> {
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        self.send(Message::Close(Some(frame)), timeout).await
+    }
+
+    /// Starts or stops reading the socket. While not reading, nothing is received and pings go
+    /// unanswered; the server's frames pile up in the TCP buffers.
+    pub fn set_reading(&self, on: bool) {
+        let _ = self.commands.send(Command::Reading(on));
+    }
+
+    /// The next event, or `None` when nothing arrived before `deadline`.
+    pub async fn next_event(&mut self, deadline: Instant) -> Option<Event> {
+        match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            Ok(Some(event)) => Some(event),
+            // The task only ends after reporting the end of the connection, or when aborted.
+            Ok(None) => Some(Event::Dropped { error: "the connection's task ended".into() }),
+            Err(_) => None,
+        }
+    }
+
+    /// An event that has already arrived, without waiting.
+    pub fn try_next_event(&mut self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+}
+
+/// Performs the handshake. `Err` only for failures that are neither an upgrade nor an HTTP
+/// answer (no listener, a broken response, a timeout). Messages never contain the request path,
+/// which may hold a token.
+pub async fn connect(handshake: &Handshake, mode: ReadMode) -> Result<Outcome, String> {
+    let deadline = Instant::now() + handshake.timeout;
+    let addr = handshake.addr;
+    let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    // A second handle on the same socket: tungstenite keeps only the bytes of a refusal's body
+    // that arrived with its head, so the rest is read through this one.
+    let std = tcp.into_std().map_err(|e| e.to_string())?;
+    let spare = std.try_clone().map_err(|e| e.to_string())?;
+    let tcp = TcpStream::from_std(std).map_err(|e| e.to_string())?;
+
+    let mut request = format!("ws://{addr}{}", handshake.path_and_query)
+        .into_client_request()
+        .map_err(|e| format!("cannot build the handshake request: {}", redact_error(&e)))?;
+    for (name, value) in &handshake.headers {
+        let name: tungstenite::http::HeaderName =
+            name.parse().map_err(|_| format!("`{name}` is not a valid header name"))?;
+        let value = HeaderValue::from_str(value).map_err(|_| format!("the value of header `{name}` is not valid"))?;
+        request.headers_mut().append(name, value);
+    }
+    let result = tokio::time::timeout_at(deadline, client_async_with_config(request, tcp, None))
+        .await
+        .map_err(|_| format!("the handshake with {addr} did not finish within {:?}", handshake.timeout))?;
+    match result {
+        Ok((ws, response)) => {
+            drop(spare);
+            let headers = header_list(response.headers());
+            Ok(Outcome::Accepted { conn: spawn(ws, mode), headers })
+        }
+        Err(tungstenite::Error::Http(response)) => {
+            let headers = header_list(response.headers());
+            let tail = response.body().clone().unwrap_or_default();
+            let spare = TcpStream::from_std(spare).map_err(|e| e.to_string())?;
+            let body = complete_body(tail, &headers, spare, deadline).await;
+            Ok(Outcome::Refused { status: response.status().as_u16(), headers, body })
+        }
+        Err(e) => Err(format!("the handshake with {addr} failed: {}", redact_error(&e))),
+    }
+}
+
+/// tungstenite's URL errors may quote the URL, which may hold a token.
+fn redact_error(e: &tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Url(_) => "invalid URL".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn header_list(headers: &tungstenite::http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect()
+}
+
+/// Reads the rest of a refusal's body: up to its `Content-Length`, or to EOF without one.
+async fn complete_body(
+    mut body: Vec<u8>,
+    headers: &[(String, String)],
+    mut spare: TcpStream,
+    deadline: Instant,
+) -> Vec<u8> {
+    let want = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    let mut buf = [0u8; 4096];
+    while want.is_none_or(|n| body.len() < n) && body.len() < MAX_REFUSAL_BODY {
+        match tokio::time::timeout_at(deadline, spare.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    if let Some(n) = want {
+        body.truncate(n);
+    }
+    body
+}
+
+fn spawn(ws: WebSocketStream<TcpStream>, mode: ReadMode) -> Connection {
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (event_tx, events) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(ws, command_rx, event_tx, mode));
+    Connection { commands, events, task }
+}
+
+/// The task that owns one socket.
+async fn run(
+    mut ws: WebSocketStream<TcpStream>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+    mode: ReadMode,
+) {
+    let mut reading = true;
+    let mut pause_after_first = mode == ReadMode::PauseAfterFirstFrame;
+    let mut ended = false;
+    let mut saw_close = false;
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => return,
+                Some(Command::Reading(on)) => reading = on,
+                Some(Command::Send(message, reply)) => {
+                    let result = if ended {
+                        Err("the connection is closed".to_string())
+                    } else {
+                        ws.send(message).await.map_err(|e| e.to_string())
+                    };
+                    let _ = reply.send(result);
+                }
+            },
+            item = ws.next(), if reading && !ended => {
+                let event = match item {
+                    Some(Ok(Message::Text(text))) => Some(Event::Text(text.to_string())),
+                    Some(Ok(Message::Binary(bytes))) => Some(Event::Binary(bytes.to_vec())),
+                    Some(Ok(Message::Close(frame))) => {
+                        // tungstenite answers the close itself; keep reading until the socket ends.
+                        saw_close = true;
+                        Some(match frame {
+                            Some(f) => Event::Close { code: Some(u16::from(f.code)), reason: f.reason.to_string() },
+                            None => Event::Close { code: None, reason: String::new() },
+                        })
+                    }
+                    Some(Ok(_)) => None, // ping, pong: answered by tungstenite
+                    Some(Err(e)) => {
+                        ended = true;
+                        (!saw_close).then(|| Event::Dropped { error: e.to_string() })
+                    }
+                    None => {
+                        ended = true;
+                        (!saw_close).then(|| Event::Dropped { error: "end of stream".into() })
+                    }
+                };
+                if let Some(event) = event {
+                    let data = matches!(event, Event::Text(_) | Event::Binary(_));
+                    let _ = events.send(event);
+                    if data && pause_after_first {
+                        pause_after_first = false;
+                        reading = false;
+                    }
+                }
+            }
+        }
+    }
+}

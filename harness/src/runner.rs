@@ -1,0 +1,758 @@
+//! Runs one scenario: starts its servers from private policy copies, carries out its steps in
+//! order against them, and turns the first unmet expectation into a precise failure (step,
+//! what was expected, what arrived, and the tail of each server's log). Every token and secret
+//! the scenario hands out is registered for redaction and for the log-leak check that ends
+//! every passing scenario.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{self, Connection, Event, Handshake, Outcome, ReadMode};
+use crate::duration::Dur;
+use crate::http::{self, HttpRequest, HttpResponse};
+use crate::matching::{brief, clip, matches};
+use crate::policy_dir::{PolicyDir, deep_merge};
+use crate::scenario::*;
+use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer};
+use crate::token::{self, TokenSpec};
+
+/// The default deadline of steps that wait for something.
+const DEFAULT_WITHIN: Dur = Dur::secs(5);
+/// How many log lines of each server a failure shows.
+const LOG_TAIL: usize = 25;
+
+/// What every scenario run needs to know.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The `wsgate` binary.
+    pub bin: PathBuf,
+    /// The policy directory each server's copy starts from (the repository's `policies/`).
+    pub policies: PathBuf,
+    /// How long a server may take to start listening.
+    pub ready_timeout: Duration,
+}
+
+/// A running server of the scenario.
+struct ServerState {
+    /// The process and its addresses.
+    server: WsgateServer,
+    /// Its private policy directory (kept alive as long as the server runs).
+    dir: PolicyDir,
+}
+
+/// A connection opened by a `connect` step.
+struct ConnState {
+    /// The live connection.
+    conn: Connection,
+    /// Whether the scenario has seen it end (a close frame or a drop).
+    ended: bool,
+}
+
+/// Everything one scenario run owns. Dropping it kills the servers and closes the sockets.
+struct Ctx<'a> {
+    cfg: &'a RunConfig,
+    redactor: Arc<Redactor>,
+    credentials: Credentials,
+    servers: BTreeMap<String, ServerState>,
+    conns: HashMap<String, ConnState>,
+}
+
+/// Runs `scenario`; `Err` carries the complete, redacted failure report.
+pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
+    let redactor = Arc::new(Redactor::default());
+    let credentials = Credentials::generate(&redactor);
+    let mut ctx = Ctx { cfg, redactor, credentials, servers: BTreeMap::new(), conns: HashMap::new() };
+    let result = match ctx.start_servers(scenario).await {
+        Err(e) => Err(e),
+        Ok(()) => {
+            let mut current = 0usize;
+            let limit = scenario.timeout();
+            let outcome = tokio::time::timeout(limit.0, ctx.run_steps(scenario, &mut current)).await;
+            match outcome {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "step {} ({}): the scenario did not finish within its timeout of {limit}",
+                    current + 1,
+                    scenario.steps[current].kind()
+                )),
+            }
+        }
+    };
+    let result = result.and_then(|()| {
+        let leaks = ctx.redactor.leaks();
+        if leaks.is_empty() { Ok(()) } else { Err(format!("a log contains a secret (SPEC §2): {}", leaks.join("; "))) }
+    });
+    let report = match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(ctx.failure_report(&e)),
+    };
+    ctx.conns.clear();
+    for state in ctx.servers.values_mut() {
+        let _ = state.server.process.stop(Duration::from_secs(10)).await;
+    }
+    report
+}
+
+/// Encodes a query-string value.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A JSON object padded with a `pad` string so that it serialises to exactly `size` bytes.
+fn padded_json(value: &Value, size: usize) -> Result<String, String> {
+    let mut object = value.clone();
+    object["pad"] = Value::String(String::new());
+    let base = serde_json::to_string(&object).map_err(|e| e.to_string())?.len();
+    if base > size {
+        return Err(format!("`pad_to: {size}` is smaller than the message itself ({base} bytes)"));
+    }
+    object["pad"] = Value::String("x".repeat(size - base));
+    serde_json::to_string(&object).map_err(|e| e.to_string())
+}
+
+fn deadline(within: Option<Dur>) -> (Instant, Dur) {
+    let within = within.unwrap_or(DEFAULT_WITHIN);
+    (Instant::now() + within.0, within)
+}
+
+fn parse_json(text: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|_| format!("a text frame that is not JSON: {}", clip(text, 300)))
+}
+
+impl Ctx<'_> {
+    async fn start_servers(&mut self, scenario: &Scenario) -> Result<(), String> {
+        for (name, spec) in &scenario.servers {
+            let files: Vec<(String, String)> = spec.files.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let dir = PolicyDir::create(&self.cfg.policies, spec.policy.as_ref(), &files)
+                .map_err(|e| format!("server `{name}`: {e}"))?;
+            let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let opts = WsgateOptions {
+                bin: &self.cfg.bin,
+                name,
+                policies: dir.path(),
+                args: &spec.args,
+                env: &env,
+                credentials: &self.credentials,
+                ready_timeout: self.cfg.ready_timeout,
+            };
+            let server = WsgateServer::start(&opts, Arc::clone(&self.redactor)).await?;
+            self.servers.insert(name.clone(), ServerState { server, dir });
+        }
+        Ok(())
+    }
+
+    async fn run_steps(&mut self, scenario: &Scenario, current: &mut usize) -> Result<(), String> {
+        for (i, step) in scenario.steps.iter().enumerate() {
+            *current = i;
+            let label = match step.conn() {
+                Some(conn) => format!("step {} ({} `{conn}`)", i + 1, step.kind()),
+                None => format!("step {} ({})", i + 1, step.kind()),
+            };
+            self.run_step(i, step).await.map_err(|e| format!("{label}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The failure message plus each server's state and log tail, redacted.
+    fn failure_report(&mut self, error: &str) -> String {
+        let mut out = error.to_string();
+        for (name, state) in &mut self.servers {
+            let process = &mut state.server.process;
+            if let Some(status) = process.exit_status() {
+                out.push_str(&format!("\n  wsgate `{name}` is no longer running ({status})"));
+            }
+            let tail = process.log().tail(LOG_TAIL);
+            if tail.is_empty() {
+                out.push_str(&format!("\n  wsgate `{name}` printed nothing"));
+            } else {
+                out.push_str(&format!("\n  last {} lines of wsgate `{name}`:", tail.len()));
+                for line in tail {
+                    out.push_str("\n    ");
+                    out.push_str(&clip(&line, 500));
+                }
+            }
+        }
+        self.redactor.redact(&out)
+    }
+
+    fn server(&self, name: &Option<String>) -> &ServerState {
+        // `scenario::resolve` filled in and checked every server name.
+        &self.servers[name.as_deref().unwrap_or(DEFAULT_SERVER)]
+    }
+
+    fn conn(&mut self, name: &Option<String>) -> Result<&mut ConnState, String> {
+        let name = name.as_deref().unwrap_or_default();
+        self.conns
+            .get_mut(name)
+            .ok_or_else(|| format!("connection `{name}` was never opened (its connect step failed?)"))
+    }
+
+    async fn run_step(&mut self, index: usize, step: &Step) -> Result<(), String> {
+        match step {
+            Step::Connect(s) => self.connect(index, s).await,
+            Step::Send(s) => self.send(s).await,
+            Step::Expect(s) => self.expect(s).await,
+            Step::ExpectClose(s) => self.expect_close(s).await,
+            Step::ExpectDropped(s) => self.expect_dropped(s).await,
+            Step::ExpectNoFrame(s) => self.expect_no_frame(s).await,
+            Step::Close(s) => self.close(s).await,
+            Step::Wait(d) => {
+                tokio::time::sleep(d.0).await;
+                Ok(())
+            }
+            Step::Publish(s) => self.publish(s).await,
+            Step::Http(s) => self.http(s).await,
+            Step::EditPolicy(s) => {
+                let files: Vec<(String, String)> = s.files.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let name = s.server.as_deref().unwrap_or(DEFAULT_SERVER);
+                let state = self.servers.get_mut(name).ok_or("unknown server")?;
+                state.dir.apply(s.policy.as_ref(), &files, s.replace)
+            }
+            Step::PauseReading(c) => {
+                self.conn(&Some(c.clone()))?.conn.set_reading(false);
+                Ok(())
+            }
+            Step::ResumeReading(c) => {
+                self.conn(&Some(c.clone()))?.conn.set_reading(true);
+                Ok(())
+            }
+            Step::ExpectLog(s) => {
+                let (until, within) = deadline(s.within);
+                let log = Arc::clone(self.server(&s.server).server.process.log());
+                log.wait_for(|line| line.contains(s.contains.as_str()).then_some(()), until)
+                    .await
+                    .map_err(|_| format!("no log line containing {:?} within {within}", s.contains))
+            }
+        }
+    }
+
+    async fn connect(&mut self, index: usize, s: &ConnectStep) -> Result<(), String> {
+        let name = s.name.clone().unwrap_or_default();
+        if s.expect_status.is_none()
+            && let Some(existing) = self.conns.get(&name)
+            && !existing.ended
+        {
+            return Err(format!(
+                "connection `{name}` is still open (no close or drop was expected on it); give the new one another name"
+            ));
+        }
+        let ws_addr = self.server(&s.server).server.ws_addr;
+        let algorithm = s.algorithm.as_deref().map(token::parse_algorithm).transpose()?;
+        let spec = TokenSpec {
+            kind: s.token,
+            sub: s.user.as_deref(),
+            claims: &s.claims,
+            omit: &s.omit_claims,
+            ttl: s.ttl.map_or(Duration::from_secs(15 * 60), |d| d.0),
+            algorithm,
+        };
+        let token = token::mint(self.credentials.jwt_secret.as_bytes(), &spec, SystemTime::now())?;
+        if let Some(t) = &token {
+            self.redactor.register(format!("the token of step {}", index + 1), t.clone());
+        }
+
+        let mut query: Vec<(String, String)> = s.query.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut headers: Vec<(String, String)> = Vec::new();
+        if let Some(origin) = &s.origin {
+            headers.push(("Origin".into(), origin.clone()));
+        }
+        match (s.via, &token) {
+            (Via::Query, Some(t)) => query.push((s.token_name.clone().unwrap_or("token".into()), t.clone())),
+            (Via::Header, Some(t)) => {
+                headers.push((s.token_name.clone().unwrap_or("Authorization".into()), format!("Bearer {t}")))
+            }
+            (Via::Cookie, Some(t)) => {
+                headers.push(("Cookie".into(), format!("{}={t}", s.token_name.as_deref().unwrap_or("wsgate_token"))))
+            }
+            (Via::Subprotocol, Some(t)) => {
+                headers.push(("Sec-WebSocket-Protocol".into(), format!("wsgate.v1, bearer.{t}")))
+            }
+            (Via::Subprotocol, None) => headers.push(("Sec-WebSocket-Protocol".into(), "wsgate.v1".into())),
+            (_, None) => {}
+        }
+        headers.extend(s.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut path_and_query = s.path.clone().unwrap_or("/ws".into());
+        for (i, (k, v)) in query.iter().enumerate() {
+            path_and_query.push(if i == 0 && !path_and_query.contains('?') { '?' } else { '&' });
+            path_and_query.push_str(&format!("{}={}", percent_encode(k), percent_encode(v)));
+        }
+        let (until, within) = deadline(s.within);
+        let handshake = Handshake { addr: ws_addr, path_and_query, headers, timeout: within.0 };
+        let mode = if s.silent { ReadMode::PauseAfterFirstFrame } else { ReadMode::Reading };
+        let leaks_token = |text: &str| token.as_deref().is_some_and(|t| text.contains(t));
+
+        match (client::connect(&handshake, mode).await?, s.expect_status) {
+            (Outcome::Refused { status, headers, body }, Some(want)) => {
+                let body_text = String::from_utf8_lossy(&body).into_owned();
+                if status != want {
+                    return Err(format!(
+                        "expected the handshake to be refused with {want}, got {status} {}",
+                        clip(&body_text, 300)
+                    ));
+                }
+                if leaks_token(&body_text) || headers.iter().any(|(_, v)| leaks_token(v)) {
+                    return Err("the refusal contains the token".into());
+                }
+                check_refusal(s, &headers, &body_text)
+            }
+            (Outcome::Refused { status, body, .. }, None) => Err(format!(
+                "expected the handshake to be accepted, got {status} {}",
+                clip(&String::from_utf8_lossy(&body), 300)
+            )),
+            (Outcome::Accepted { .. }, Some(want)) => {
+                Err(format!("expected the handshake to be refused with {want}, but the server upgraded the connection"))
+            }
+            (Outcome::Accepted { mut conn, headers }, None) => {
+                if let Some((name, _)) = headers.iter().find(|(_, v)| leaks_token(v)) {
+                    return Err(format!("the 101 response's `{name}` header contains the token"));
+                }
+                if s.via == Via::Subprotocol {
+                    let answered = headers.iter().find(|(k, _)| k == "sec-websocket-protocol").map(|(_, v)| v.as_str());
+                    if answered != Some("wsgate.v1") {
+                        return Err(format!("expected the server to answer subprotocol `wsgate.v1`, got {answered:?}"));
+                    }
+                }
+                let mut pattern = json!({
+                    "type": "welcome",
+                    "session": "$nonempty",
+                    "user": s.user.clone().unwrap_or_default(),
+                    "instance": "$string",
+                    "heartbeat_ms": "$number",
+                });
+                if let Some(extra) = &s.expect_welcome {
+                    deep_merge(&mut pattern, extra);
+                }
+                let first = conn.next_event(until).await;
+                let mut state = ConnState { conn, ended: false };
+                match first {
+                    None => return Err(format!("no welcome frame within {within}")),
+                    Some(Event::Text(text)) => {
+                        let value = parse_json(&text).map_err(|e| format!("expected the welcome frame, got {e}"))?;
+                        matches(&pattern, &value).map_err(|e| format!("the welcome frame {}: {e}", brief(&value)))?;
+                    }
+                    Some(other) => {
+                        state.ended = other.is_end();
+                        return Err(format!("expected the welcome frame, got {}", other.describe()));
+                    }
+                }
+                self.conns.insert(name, state);
+                Ok(())
+            }
+        }
+    }
+
+    async fn send(&mut self, s: &SendStep) -> Result<(), String> {
+        let message = match (&s.text, &s.json, s.binary, s.text_size) {
+            (Some(text), ..) => Message::text(text.clone()),
+            (_, Some(value), ..) => match s.pad_to {
+                Some(size) => Message::text(padded_json(value, size)?),
+                None => Message::text(value.to_string()),
+            },
+            (_, _, Some(n), _) => Message::binary(vec![0xA5u8; n]),
+            (_, _, _, Some(n)) => Message::text("x".repeat(n)),
+            _ => return Err("nothing to send".into()),
+        };
+        let repeat = s.repeat.unwrap_or(1);
+        let state = self.conn(&s.conn)?;
+        for n in 1..=repeat {
+            state.conn.send(message.clone(), DEFAULT_WITHIN.0).await.map_err(|e| {
+                let which = if repeat > 1 { format!(" (message {n} of {repeat})") } else { String::new() };
+                format!("cannot send{which}: {e}")
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn expect(&mut self, s: &ExpectStep) -> Result<(), String> {
+        let (until, within) = deadline(s.within);
+        let state = self.conn(&s.conn)?;
+        state.conn.set_reading(true);
+        let mut remaining: Vec<&Value> = match (&s.json, &s.unordered) {
+            (Some(pattern), _) => vec![pattern],
+            (_, Some(patterns)) => patterns.iter().collect(),
+            _ => Vec::new(),
+        };
+        if let Some(want) = &s.text {
+            return match state.conn.next_event(until).await {
+                Some(Event::Text(text)) if &text == want => Ok(()),
+                Some(other) => {
+                    state.ended = other.is_end();
+                    Err(format!("expected text frame {}, got {}", clip(want, 300), other.describe()))
+                }
+                None => Err(format!("expected text frame {}, got nothing within {within}", clip(want, 300))),
+            };
+        }
+        let total = remaining.len();
+        while !remaining.is_empty() {
+            let seen = total - remaining.len();
+            let wanted = || match remaining.as_slice() {
+                [one] if total == 1 => format!("a frame matching {}", brief(one)),
+                many => format!(
+                    "{} more frame(s) matching, in any order, {}",
+                    many.len(),
+                    many.iter().map(|v| brief(v)).collect::<Vec<_>>().join(" | ")
+                ),
+            };
+            let event = match state.conn.next_event(until).await {
+                None => {
+                    return Err(format!("expected {}, got nothing within {within} (after {seen} matched)", wanted()));
+                }
+                Some(e) => e,
+            };
+            let Event::Text(text) = &event else {
+                state.ended = event.is_end();
+                return Err(format!("expected {}, got {}", wanted(), event.describe()));
+            };
+            let value = parse_json(text).map_err(|e| format!("expected {}, got {e}", wanted()))?;
+            let mut errors = Vec::new();
+            let mut hit = None;
+            for (i, pattern) in remaining.iter().enumerate() {
+                match matches(pattern, &value) {
+                    Ok(()) => {
+                        hit = Some(i);
+                        break;
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            match hit {
+                Some(i) => {
+                    remaining.remove(i);
+                }
+                None if total == 1 => {
+                    return Err(format!("expected {}, got {} ({})", wanted(), brief(&value), errors.join("; ")));
+                }
+                None => return Err(format!("expected {}, got {} which matches none of them", wanted(), brief(&value))),
+            }
+        }
+        Ok(())
+    }
+
+    async fn expect_close(&mut self, s: &ExpectCloseStep) -> Result<(), String> {
+        let (until, within) = deadline(s.within);
+        let state = self.conn(&s.conn)?;
+        state.conn.set_reading(true);
+        let wanted = match (s.code, &s.reason) {
+            (Some(code), Some(r)) => format!("a close frame {code} with a reason containing {r:?}"),
+            (Some(code), None) => format!("a close frame {code}"),
+            (None, Some(r)) => format!("a close frame with a reason containing {r:?}"),
+            (None, None) => "a close frame".to_string(),
+        };
+        let mut skipped = 0usize;
+        let mut last_skipped = String::new();
+        let skipped_note = |skipped: usize, last: &str| {
+            if skipped == 0 {
+                String::new()
+            } else {
+                format!(" (after skipping {skipped} data frames, the last: {last})")
+            }
+        };
+        loop {
+            match state.conn.next_event(until).await {
+                None => {
+                    return Err(format!(
+                        "expected {wanted} within {within}, got nothing{}",
+                        skipped_note(skipped, &last_skipped)
+                    ));
+                }
+                Some(event @ (Event::Text(_) | Event::Binary(_))) => {
+                    if s.no_frames_before {
+                        return Err(format!("expected {wanted}, got {}", event.describe()));
+                    }
+                    skipped += 1;
+                    last_skipped = event.describe();
+                }
+                Some(Event::Close { code, reason }) => {
+                    state.ended = true;
+                    let code_ok = s.code.is_none() || s.code == code;
+                    let reason_ok = s.reason.as_deref().is_none_or(|r| reason.contains(r));
+                    if code_ok && reason_ok {
+                        return Ok(());
+                    }
+                    let got = Event::Close { code, reason }.describe();
+                    return Err(format!("expected {wanted}, got {got}{}", skipped_note(skipped, &last_skipped)));
+                }
+                Some(event @ Event::Dropped { .. }) => {
+                    state.ended = true;
+                    return Err(format!(
+                        "expected {wanted}, got {}{}",
+                        event.describe(),
+                        skipped_note(skipped, &last_skipped)
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn expect_dropped(&mut self, s: &ExpectDroppedStep) -> Result<(), String> {
+        let (until, within) = deadline(s.within);
+        let state = self.conn(&s.conn)?;
+        state.conn.set_reading(true);
+        let wanted = match s.close_frame {
+            Some(true) => "the connection to end with a close frame",
+            Some(false) => "the connection to be dropped without a close frame",
+            None => "the connection to end",
+        };
+        let mut skipped = 0usize;
+        loop {
+            match state.conn.next_event(until).await {
+                None => {
+                    return Err(format!(
+                        "expected {wanted} within {within}; it is still open (skipped {skipped} data frames)"
+                    ));
+                }
+                Some(Event::Text(_) | Event::Binary(_)) => skipped += 1,
+                Some(event @ Event::Close { .. }) => {
+                    state.ended = true;
+                    return if s.close_frame == Some(false) {
+                        Err(format!("expected {wanted}, got {}", event.describe()))
+                    } else {
+                        Ok(())
+                    };
+                }
+                Some(event @ Event::Dropped { .. }) => {
+                    state.ended = true;
+                    return if s.close_frame == Some(true) {
+                        Err(format!("expected {wanted}, got {}", event.describe()))
+                    } else {
+                        Ok(())
+                    };
+                }
+            }
+        }
+    }
+
+    async fn expect_no_frame(&mut self, s: &ExpectNoFrameStep) -> Result<(), String> {
+        let duration = s.duration.unwrap_or(Dur::secs(1));
+        let start = Instant::now();
+        let state = self.conn(&s.conn)?;
+        state.conn.set_reading(true);
+        match state.conn.next_event(start + duration.0).await {
+            None => Ok(()),
+            Some(event) => {
+                state.ended = event.is_end();
+                Err(format!(
+                    "expected nothing for {duration}, got {} after {}ms",
+                    event.describe(),
+                    start.elapsed().as_millis()
+                ))
+            }
+        }
+    }
+
+    async fn close(&mut self, s: &CloseStep) -> Result<(), String> {
+        let code = s.code.unwrap_or(1000);
+        let want = s.expect_code.unwrap_or(code);
+        let (until, within) = deadline(s.within);
+        let state = self.conn(&s.conn)?;
+        state.conn.set_reading(true);
+        if let Err(e) = state.conn.close(code, s.reason.as_deref().unwrap_or(""), DEFAULT_WITHIN.0).await {
+            // Say why: usually the server closed first.
+            let already = state.conn.try_next_event().map(|e| format!(" ({})", e.describe())).unwrap_or_default();
+            return Err(format!("cannot send the close frame: {e}{already}"));
+        }
+        let mut skipped = 0usize;
+        loop {
+            match state.conn.next_event(until).await {
+                None => {
+                    return Err(format!("expected the server to answer with close {want} within {within}, got nothing"));
+                }
+                Some(Event::Text(_) | Event::Binary(_)) => skipped += 1,
+                Some(event @ (Event::Close { .. } | Event::Dropped { .. })) => {
+                    state.ended = true;
+                    return match event {
+                        Event::Close { code: Some(c), .. } if c == want => Ok(()),
+                        other => Err(format!(
+                            "expected the server to answer with close {want}, got {} (after skipping {skipped} data frames)",
+                            other.describe()
+                        )),
+                    };
+                }
+            }
+        }
+    }
+
+    fn admin_headers(&self, auth: AdminAuth) -> Vec<(String, String)> {
+        match auth {
+            AdminAuth::Valid => vec![("Authorization".into(), format!("Bearer {}", self.credentials.admin_token))],
+            AdminAuth::Wrong => vec![("Authorization".into(), "Bearer not-the-admin-token".into())],
+            AdminAuth::None => Vec::new(),
+        }
+    }
+
+    async fn publish(&mut self, s: &PublishStep) -> Result<(), String> {
+        let admin = self.server(&s.server).server.admin_addr;
+        let data = match (&s.data, s.data_size) {
+            (_, Some(n)) => Value::String("d".repeat(n)),
+            (Some(v), None) => v.clone(),
+            (None, None) => Value::Null,
+        };
+        let body = serde_json::to_vec(&json!({"channel": s.channel, "data": data})).map_err(|e| e.to_string())?;
+        let want = s.expect_status.unwrap_or(200);
+        let repeat = s.repeat.unwrap_or(1);
+        let req = HttpRequest {
+            method: "POST",
+            path: "/v1/publish",
+            headers: self.admin_headers(s.auth),
+            body: Some(("application/json", body)),
+        };
+        for n in 1..=repeat {
+            let which = if repeat > 1 { format!(" (publish {n} of {repeat})") } else { String::new() };
+            let resp = http::send(admin, &req, DEFAULT_WITHIN.0).await.map_err(|e| format!("{e}{which}"))?;
+            if resp.status != want {
+                return Err(format!("expected status {want}{which}, got {} {}", resp.status, body_text(&resp)));
+            }
+            if want == 200 {
+                let value: Value = serde_json::from_slice(&resp.body)
+                    .map_err(|_| format!("expected a JSON answer{which}, got {}", body_text(&resp)))?;
+                if !matches!(value.get("id"), Some(Value::String(id)) if !id.is_empty()) {
+                    return Err(format!("expected {{\"id\": \"<message id>\"}}{which}, got {}", brief(&value)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn http(&mut self, s: &HttpStep) -> Result<(), String> {
+        let state = self.server(&s.server);
+        let addr = match s.listener {
+            Listener::Ws => state.server.ws_addr,
+            Listener::Admin => state.server.admin_addr,
+        };
+        let mut headers = s.auth.map(|a| self.admin_headers(a)).unwrap_or_default();
+        headers.extend(s.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let body = match (&s.json, &s.text) {
+            (Some(v), _) => Some(("application/json", v.to_string().into_bytes())),
+            (_, Some(t)) => Some(("text/plain", t.clone().into_bytes())),
+            _ => None,
+        };
+        let method = s.method.clone().unwrap_or("GET".into()).to_ascii_uppercase();
+        let req = HttpRequest { method: &method, path: &s.path, headers, body };
+        let until = s.retry_within.map(|d| Instant::now() + d.0);
+        loop {
+            let outcome = match http::send(addr, &req, DEFAULT_WITHIN.0).await {
+                Ok(resp) => check_http(s, &resp),
+                Err(e) => Err(e),
+            };
+            match (outcome, until) {
+                (Ok(()), _) => return Ok(()),
+                (Err(_), Some(until)) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (Err(e), Some(_)) => {
+                    let retried = s.retry_within.unwrap_or(Dur::secs(0));
+                    return Err(format!("{e} (still, after retrying for {retried})"));
+                }
+                (Err(e), None) => return Err(e),
+            }
+        }
+    }
+}
+
+fn body_text(resp: &HttpResponse) -> String {
+    clip(&String::from_utf8_lossy(&resp.body), 300)
+}
+
+fn check_http(s: &HttpStep, resp: &HttpResponse) -> Result<(), String> {
+    let what = format!("{} {}", s.method.as_deref().unwrap_or("GET").to_ascii_uppercase(), s.path);
+    if resp.status != s.expect_status {
+        return Err(format!("{what}: expected status {}, got {} {}", s.expect_status, resp.status, body_text(resp)));
+    }
+    for (name, want) in &s.expect_headers {
+        match resp.header(name) {
+            Some(v) if v.contains(want.as_str()) => {}
+            Some(v) => return Err(format!("{what}: expected header `{name}` to contain {want:?}, got {v:?}")),
+            None => return Err(format!("{what}: expected a `{name}` header, got none")),
+        }
+    }
+    if let Some(want) = &s.expect_text
+        && !String::from_utf8_lossy(&resp.body).contains(want.as_str())
+    {
+        return Err(format!("{what}: expected the body to contain {want:?}, got {}", body_text(resp)));
+    }
+    if let Some(pattern) = &s.expect_body {
+        let value: Value = serde_json::from_slice(&resp.body)
+            .map_err(|_| format!("{what}: expected a JSON body, got {}", body_text(resp)))?;
+        matches(pattern, &value).map_err(|e| format!("{what}: body {}: {e}", brief(&value)))?;
+    }
+    Ok(())
+}
+
+/// Checks a refusal against SPEC §3 (a JSON body with `error` and `reason`) and the step.
+fn check_refusal(s: &ConnectStep, headers: &[(String, String)], body: &str) -> Result<(), String> {
+    let value: Value = serde_json::from_str(body)
+        .map_err(|_| format!("expected a JSON body {{\"error\", \"reason\"}} (SPEC §3), got {}", clip(body, 300)))?;
+    matches(&json!({"error": "$string", "reason": "$string"}), &value)
+        .map_err(|e| format!("the refusal body {} does not have the shape of SPEC §3: {e}", brief(&value)))?;
+    if let Some(want) = &s.expect_error {
+        matches(&json!({ "error": want }), &value).map_err(|e| format!("the refusal body {}: {e}", brief(&value)))?;
+    }
+    if let Some(pattern) = &s.expect_body {
+        matches(pattern, &value).map_err(|e| format!("the refusal body {}: {e}", brief(&value)))?;
+    }
+    let retry_after = headers.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v.trim());
+    match (s.retry_after, retry_after) {
+        (Some(true), None) => Err("expected a Retry-After header, got none".into()),
+        (Some(true), Some(v)) if !v.parse::<u64>().is_ok_and(|n| n >= 1) => {
+            Err(format!("expected Retry-After to be whole seconds ≥ 1, got {v:?}"))
+        }
+        (Some(false), Some(v)) => Err(format!("expected no Retry-After header, got {v:?}")),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_json_to_an_exact_size() {
+        let text = padded_json(&json!({"type": "ping"}), 20480).unwrap();
+        assert_eq!(text.len(), 20480);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "ping");
+        assert!(padded_json(&json!({"type": "ping"}), 5).is_err());
+    }
+
+    #[test]
+    fn percent_encodes_query_values() {
+        assert_eq!(percent_encode("a.b-c_d~e"), "a.b-c_d~e");
+        assert_eq!(percent_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+    }
+
+    fn connect_step(yaml: &str) -> ConnectStep {
+        let scenario = crate::scenario::parse(&format!("steps:\n  - connect: {yaml}\n")).unwrap();
+        match &scenario.steps[0] {
+            Step::Connect(c) => c.clone(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn refusals_must_have_the_spec_shape() {
+        let s = connect_step("{user: a, expect_status: 429, expect_error: too_many_requests, retry_after: true}");
+        let ok = r#"{"error":"too_many_requests","reason":"per-IP limit"}"#;
+        let retry = vec![("retry-after".to_string(), "3".to_string())];
+        assert!(check_refusal(&s, &retry, ok).is_ok());
+        assert!(check_refusal(&s, &[], ok).unwrap_err().contains("Retry-After"));
+        let zero = vec![("retry-after".to_string(), "0".to_string())];
+        assert!(check_refusal(&s, &zero, ok).is_err());
+        assert!(check_refusal(&s, &retry, "nope").unwrap_err().contains("SPEC §3"));
+        assert!(check_refusal(&s, &retry, r#"{"error":"too_many_requests"}"#).unwrap_err().contains(".reason"));
+        assert!(check_refusal(&s, &retry, r#"{"error":"forbidden","reason":"x"}"#).unwrap_err().contains(".error"));
+    }
+}

@@ -1,0 +1,791 @@
+//! The declarative scenario format (documented in `harness/README.md`): what a scenario file
+//! may say, parsed strictly (`deny_unknown_fields` everywhere: a misspelt key is an error, not
+//! a silently skipped check), then checked as a whole before anything runs — every `server`
+//! and `conn` a step names must exist at that point, and defaults are filled in, so the runner
+//! only ever sees complete steps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::duration::Dur;
+use crate::token::TokenKind;
+
+/// The server name used when a scenario does not declare `servers`.
+pub const DEFAULT_SERVER: &str = "main";
+
+/// A scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// What the scenario shows, in prose (the name is the file name).
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Named servers; absent: one server called `main` configured by the keys below.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerSpec>,
+    /// Shorthand for `servers: {main: {policy: …}}`.
+    #[serde(default)]
+    pub policy: Option<Value>,
+    /// Shorthand for `servers: {main: {files: …}}`.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Shorthand for `servers: {main: {args: …}}`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Shorthand for `servers: {main: {env: …}}`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The longest the whole scenario may take (default 60s).
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// What to do, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One wsgate instance.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSpec {
+    /// Deep-merged into `policies/policy.yaml`.
+    #[serde(default)]
+    pub policy: Option<Value>,
+    /// Extra files for the policy directory: relative path → content.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Extra `wsgate serve` arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// One step. Written as a one-key mapping: `- connect: {…}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Open a WebSocket connection (or expect the handshake to be refused).
+    Connect(ConnectStep),
+    /// Send one or more frames.
+    Send(SendStep),
+    /// The next frame(s) must match.
+    Expect(ExpectStep),
+    /// The server must close the connection with a close frame.
+    ExpectClose(ExpectCloseStep),
+    /// The connection must end (TCP closed), with or without a close frame.
+    ExpectDropped(ExpectDroppedStep),
+    /// Nothing may arrive for a while.
+    ExpectNoFrame(ExpectNoFrameStep),
+    /// The client closes and expects the server's close echo.
+    Close(CloseStep),
+    /// Let time pass (only where time itself is the subject).
+    Wait(Dur),
+    /// Publish through the admin API.
+    Publish(PublishStep),
+    /// A plain HTTP request to a listener.
+    Http(HttpStep),
+    /// Rewrite a running server's policy directory.
+    EditPolicy(EditPolicyStep),
+    /// Stop reading a connection's socket (a slow consumer).
+    PauseReading(String),
+    /// Read it again.
+    ResumeReading(String),
+    /// A server's log must (come to) contain a text.
+    ExpectLog(ExpectLogStep),
+}
+
+impl Step {
+    /// The step's key, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Connect(_) => "connect",
+            Step::Send(_) => "send",
+            Step::Expect(_) => "expect",
+            Step::ExpectClose(_) => "expect_close",
+            Step::ExpectDropped(_) => "expect_dropped",
+            Step::ExpectNoFrame(_) => "expect_no_frame",
+            Step::Close(_) => "close",
+            Step::Wait(_) => "wait",
+            Step::Publish(_) => "publish",
+            Step::Http(_) => "http",
+            Step::EditPolicy(_) => "edit_policy",
+            Step::PauseReading(_) => "pause_reading",
+            Step::ResumeReading(_) => "resume_reading",
+            Step::ExpectLog(_) => "expect_log",
+        }
+    }
+
+    /// The connection a step is about, if any.
+    pub fn conn(&self) -> Option<&str> {
+        match self {
+            Step::Connect(s) => s.name.as_deref(),
+            Step::Send(s) => s.conn.as_deref(),
+            Step::Expect(s) => s.conn.as_deref(),
+            Step::ExpectClose(s) => s.conn.as_deref(),
+            Step::ExpectDropped(s) => s.conn.as_deref(),
+            Step::ExpectNoFrame(s) => s.conn.as_deref(),
+            Step::Close(s) => s.conn.as_deref(),
+            Step::PauseReading(c) | Step::ResumeReading(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// Where a `connect` step puts its token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// `?token=…` (or `?<token_name>=…`).
+    #[default]
+    Query,
+    /// `Authorization: Bearer …` (or `<token_name>: Bearer …`).
+    Header,
+    /// `Cookie: wsgate_token=…` (or `<token_name>=…`).
+    Cookie,
+    /// `Sec-WebSocket-Protocol: wsgate.v1, bearer.<token>`.
+    Subprotocol,
+}
+
+/// `connect`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectStep {
+    /// The connection's name in later steps (default: the user).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which server (default: the only one).
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The token's `sub` (default: the connection's name).
+    #[serde(default, alias = "sub")]
+    pub user: Option<String>,
+    /// Extra claims, merged over `sub`/`iat`/`exp`.
+    #[serde(default)]
+    pub claims: Map<String, Value>,
+    /// Claims to leave out of the token.
+    #[serde(default)]
+    pub omit_claims: Vec<String>,
+    /// Which token to present.
+    #[serde(default)]
+    pub token: TokenKind,
+    /// The algorithm of a `wrong_algorithm` token (default HS384).
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// A valid token's lifetime (default 15m).
+    #[serde(default)]
+    pub ttl: Option<Dur>,
+    /// Where the token goes.
+    #[serde(default)]
+    pub via: Via,
+    /// The query parameter, header or cookie name for the token.
+    #[serde(default)]
+    pub token_name: Option<String>,
+    /// The `Origin` header.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// The request path (default `/ws`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Extra query parameters.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// After the welcome, stop reading (never answer pings) until a later step reads.
+    #[serde(default)]
+    pub silent: bool,
+    /// The handshake must be refused with this status.
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+    /// The refusal body's `error` must be this.
+    #[serde(default)]
+    pub expect_error: Option<String>,
+    /// The refusal body must match this JSON subset.
+    #[serde(default)]
+    pub expect_body: Option<Value>,
+    /// The refusal must (true) or must not (false) carry `Retry-After` (whole seconds ≥ 1).
+    #[serde(default)]
+    pub retry_after: Option<bool>,
+    /// Extra fields the welcome frame must match.
+    #[serde(default)]
+    pub expect_welcome: Option<Value>,
+    /// Deadline for the handshake and the welcome (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// `send`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// A text frame, verbatim.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// A text frame holding this value as JSON.
+    #[serde(default)]
+    pub json: Option<Value>,
+    /// With `json` (an object): add a `pad` string so the frame is exactly this many bytes.
+    #[serde(default)]
+    pub pad_to: Option<usize>,
+    /// A binary frame of this many bytes.
+    #[serde(default)]
+    pub binary: Option<usize>,
+    /// A text frame of this many bytes (`x` repeated).
+    #[serde(default)]
+    pub text_size: Option<usize>,
+    /// Send it this many times (default 1).
+    #[serde(default)]
+    pub repeat: Option<u32>,
+}
+
+/// `expect`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// The next frame is text holding JSON that matches this subset.
+    #[serde(default)]
+    pub json: Option<Value>,
+    /// The next frame is exactly this text.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// The next frames match these subsets, one each, in any order.
+    #[serde(default)]
+    pub unordered: Option<Vec<Value>>,
+    /// Deadline (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// `expect_close`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectCloseStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// The close code (absent: any code).
+    #[serde(default)]
+    pub code: Option<u16>,
+    /// A substring of the close reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Deadline (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+    /// Fail on data frames before the close instead of skipping them.
+    #[serde(default)]
+    pub no_frames_before: bool,
+}
+
+/// `expect_dropped`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectDroppedStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// true: a close frame must come first; false: none may; absent: either.
+    #[serde(default)]
+    pub close_frame: Option<bool>,
+    /// Deadline (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// `expect_no_frame`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectNoFrameStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// How long to watch (default 1s).
+    #[serde(default, rename = "for")]
+    pub duration: Option<Dur>,
+}
+
+/// `close`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// The code the client sends (default 1000).
+    #[serde(default)]
+    pub code: Option<u16>,
+    /// The reason the client sends.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The code the server must echo (default: the same code).
+    #[serde(default)]
+    pub expect_code: Option<u16>,
+    /// Deadline for the echo (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// Which admin credentials a request carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminAuth {
+    /// `Authorization: Bearer <the admin token>`.
+    #[default]
+    Valid,
+    /// No `Authorization` header.
+    None,
+    /// A bearer token that is not the admin token.
+    Wrong,
+}
+
+/// `publish`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishStep {
+    /// Which server's admin API.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The channel.
+    pub channel: String,
+    /// The data (any JSON).
+    #[serde(default)]
+    pub data: Option<Value>,
+    /// Instead of `data`: a string of this many bytes.
+    #[serde(default)]
+    pub data_size: Option<usize>,
+    /// Publish this many times (default 1).
+    #[serde(default)]
+    pub repeat: Option<u32>,
+    /// The admin credentials to present (default valid).
+    #[serde(default)]
+    pub auth: AdminAuth,
+    /// The expected status (default 200, which also requires `{"id": …}`).
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+}
+
+/// Which listener an `http` step talks to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Listener {
+    /// The public WebSocket listener.
+    #[default]
+    Ws,
+    /// The admin listener.
+    Admin,
+}
+
+/// `http`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpStep {
+    /// Which server.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Which listener (default ws).
+    #[serde(default)]
+    pub listener: Listener,
+    /// The method (default GET).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Path and query.
+    pub path: String,
+    /// Extra headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A JSON body.
+    #[serde(default)]
+    pub json: Option<Value>,
+    /// A text body.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Admin credentials (default none).
+    #[serde(default)]
+    pub auth: Option<AdminAuth>,
+    /// The expected status.
+    pub expect_status: u16,
+    /// The body is JSON matching this subset.
+    #[serde(default)]
+    pub expect_body: Option<Value>,
+    /// The body contains this text.
+    #[serde(default)]
+    pub expect_text: Option<String>,
+    /// Headers that must be present; the value must contain the given text.
+    #[serde(default)]
+    pub expect_headers: BTreeMap<String, String>,
+    /// Repeat the request until it matches, up to this long (for state that settles).
+    #[serde(default)]
+    pub retry_within: Option<Dur>,
+}
+
+/// `edit_policy`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditPolicyStep {
+    /// Which server.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Overrides merged into the policy as it stands (or into the repository's with `replace`).
+    #[serde(default)]
+    pub policy: Option<Value>,
+    /// Files to (re)write.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Start from the repository's policy instead of the current one.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// `expect_log`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectLogStep {
+    /// Which server.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The text a line must contain.
+    pub contains: String,
+    /// Deadline (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// Reads and checks a scenario file.
+pub fn load(path: &Path) -> Result<Scenario, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse(&text)
+}
+
+/// Parses and checks a scenario.
+pub fn parse(text: &str) -> Result<Scenario, String> {
+    let mut scenario: Scenario = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+    scenario.resolve()?;
+    Ok(scenario)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+}
+
+impl Scenario {
+    /// Folds the shorthand keys into `servers`, fills in default `server`/`conn` names and
+    /// checks every reference and combination.
+    fn resolve(&mut self) -> Result<(), String> {
+        let shorthand =
+            self.policy.is_some() || !self.files.is_empty() || !self.args.is_empty() || !self.env.is_empty();
+        if self.servers.is_empty() {
+            let spec = ServerSpec {
+                policy: self.policy.take(),
+                files: std::mem::take(&mut self.files),
+                args: std::mem::take(&mut self.args),
+                env: std::mem::take(&mut self.env),
+            };
+            self.servers.insert(DEFAULT_SERVER.to_string(), spec);
+        } else if shorthand {
+            return Err("write `policy`, `files`, `args` and `env` inside `servers` when `servers` is given".into());
+        }
+        for (name, spec) in &self.servers {
+            if !valid_name(name) {
+                return Err(format!("server name `{name}`: use letters, digits, `-`, `_`, `.`, `:`"));
+            }
+            if spec.policy.as_ref().is_some_and(|p| !p.is_object()) {
+                return Err(format!("server `{name}`: `policy` must be a mapping"));
+            }
+        }
+        if self.steps.is_empty() {
+            return Err("a scenario needs at least one step".into());
+        }
+        let servers: BTreeSet<String> = self.servers.keys().cloned().collect();
+        let mut conns: BTreeSet<String> = BTreeSet::new();
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            let kind = step.kind();
+            resolve_step(step, &servers, &mut conns).map_err(|e| format!("step {} ({kind}): {e}", i + 1))?;
+        }
+        Ok(())
+    }
+
+    /// The deadline for the whole scenario.
+    pub fn timeout(&self) -> Dur {
+        self.timeout.unwrap_or(Dur::secs(60))
+    }
+}
+
+fn pick_server(name: &mut Option<String>, servers: &BTreeSet<String>) -> Result<(), String> {
+    match name {
+        Some(n) if servers.contains(n.as_str()) => Ok(()),
+        Some(n) => Err(format!("no server named `{n}` (servers: {})", list(servers))),
+        None if servers.len() == 1 => {
+            *name = servers.iter().next().cloned();
+            Ok(())
+        }
+        None => Err(format!("say which `server` (servers: {})", list(servers))),
+    }
+}
+
+fn pick_conn(name: &mut Option<String>, conns: &BTreeSet<String>) -> Result<(), String> {
+    match name {
+        Some(n) if conns.contains(n.as_str()) => Ok(()),
+        Some(n) if conns.is_empty() => {
+            Err(format!("no connection named `{n}`: no connection was opened before this step"))
+        }
+        Some(n) => Err(format!("no connection named `{n}` before this step (connections: {})", list(conns))),
+        None if conns.len() == 1 => {
+            *name = conns.iter().next().cloned();
+            Ok(())
+        }
+        None if conns.is_empty() => Err("no connection was opened before this step".into()),
+        None => Err(format!("say which `conn` (connections: {})", list(conns))),
+    }
+}
+
+fn list(names: &BTreeSet<String>) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+fn exactly_one(what: &[(&str, bool)]) -> Result<(), String> {
+    let given: Vec<&str> = what.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect();
+    if given.len() == 1 {
+        return Ok(());
+    }
+    let keys = what.iter().map(|(k, _)| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    if given.is_empty() { Err(format!("give one of {keys}")) } else { Err(format!("give only one of {keys}")) }
+}
+
+fn resolve_step(step: &mut Step, servers: &BTreeSet<String>, conns: &mut BTreeSet<String>) -> Result<(), String> {
+    match step {
+        Step::Connect(s) => {
+            pick_server(&mut s.server, servers)?;
+            if s.name.is_none() {
+                s.name = s.user.clone();
+            }
+            if s.user.is_none() && s.token != TokenKind::None {
+                s.user = s.name.clone();
+            }
+            if let Some(alg) = &s.algorithm {
+                crate::token::parse_algorithm(alg)?;
+                if s.token != TokenKind::WrongAlgorithm {
+                    return Err("`algorithm` only goes with `token: wrong_algorithm`".into());
+                }
+            }
+            if let Some(path) = &s.path
+                && !path.starts_with('/')
+            {
+                return Err(format!("`path` must start with `/`: `{path}`"));
+            }
+            match s.expect_status {
+                Some(status) => {
+                    if status == 101 || !(100..600).contains(&status) {
+                        return Err(format!("`expect_status: {status}` is not a refusal status"));
+                    }
+                    if s.silent || s.expect_welcome.is_some() {
+                        return Err("`silent` and `expect_welcome` need an accepted connection".into());
+                    }
+                }
+                None => {
+                    if s.expect_error.is_some() || s.expect_body.is_some() || s.retry_after.is_some() {
+                        return Err("`expect_error`, `expect_body` and `retry_after` need `expect_status`".into());
+                    }
+                    let name = s.name.clone().ok_or("an accepted connection needs a `name` or a `user`")?;
+                    if !valid_name(&name) {
+                        return Err(format!("connection name `{name}`: use letters, digits, `-`, `_`, `.`, `:`"));
+                    }
+                    conns.insert(name);
+                }
+            }
+            Ok(())
+        }
+        Step::Send(s) => {
+            pick_conn(&mut s.conn, conns)?;
+            exactly_one(&[
+                ("text", s.text.is_some()),
+                ("json", s.json.is_some()),
+                ("binary", s.binary.is_some()),
+                ("text_size", s.text_size.is_some()),
+            ])?;
+            if s.pad_to.is_some() && !s.json.as_ref().is_some_and(Value::is_object) {
+                return Err("`pad_to` needs `json` holding a mapping".into());
+            }
+            if s.repeat == Some(0) {
+                return Err("`repeat` must be at least 1".into());
+            }
+            Ok(())
+        }
+        Step::Expect(s) => {
+            pick_conn(&mut s.conn, conns)?;
+            exactly_one(&[
+                ("json", s.json.is_some()),
+                ("text", s.text.is_some()),
+                ("unordered", s.unordered.is_some()),
+            ])?;
+            if s.unordered.as_ref().is_some_and(Vec::is_empty) {
+                return Err("`unordered` needs at least one pattern".into());
+            }
+            Ok(())
+        }
+        Step::ExpectClose(s) => pick_conn(&mut s.conn, conns),
+        Step::ExpectDropped(s) => pick_conn(&mut s.conn, conns),
+        Step::ExpectNoFrame(s) => pick_conn(&mut s.conn, conns),
+        Step::Close(s) => pick_conn(&mut s.conn, conns),
+        Step::PauseReading(c) | Step::ResumeReading(c) => {
+            let mut name = Some(c.clone());
+            pick_conn(&mut name, conns)
+        }
+        Step::Wait(_) => Ok(()),
+        Step::Publish(s) => {
+            pick_server(&mut s.server, servers)?;
+            if s.data.is_some() && s.data_size.is_some() {
+                return Err("give only one of `data`, `data_size`".into());
+            }
+            if s.repeat == Some(0) {
+                return Err("`repeat` must be at least 1".into());
+            }
+            Ok(())
+        }
+        Step::Http(s) => {
+            pick_server(&mut s.server, servers)?;
+            if !s.path.starts_with('/') {
+                return Err(format!("`path` must start with `/`: `{}`", s.path));
+            }
+            if s.json.is_some() && s.text.is_some() {
+                return Err("give only one of `json`, `text`".into());
+            }
+            Ok(())
+        }
+        Step::EditPolicy(s) => {
+            pick_server(&mut s.server, servers)?;
+            if s.policy.as_ref().is_some_and(|p| !p.is_object()) {
+                return Err("`policy` must be a mapping".into());
+            }
+            Ok(())
+        }
+        Step::ExpectLog(s) => pick_server(&mut s.server, servers),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_scenario_gets_the_default_server_and_names() {
+        let s = parse("steps:\n  - connect: {user: alice}\n  - send: {json: {type: ping}}\n").unwrap();
+        assert_eq!(s.servers.keys().collect::<Vec<_>>(), vec!["main"]);
+        let Step::Connect(c) = &s.steps[0] else { panic!() };
+        assert_eq!(c.name.as_deref(), Some("alice"));
+        assert_eq!(c.server.as_deref(), Some("main"));
+        assert_eq!(c.token, TokenKind::Valid);
+        assert_eq!(c.via, Via::Query);
+        let Step::Send(send) = &s.steps[1] else { panic!() };
+        assert_eq!(send.conn.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn shorthand_policy_goes_to_main() {
+        let s = parse(
+            "policy:\n  connections: {max_per_ip: 1}\nfiles:\n  schemas/boom.json: '{}'\nenv: {A: b}\n\
+             steps:\n  - connect: {user: a, expect_status: 429, retry_after: true}\n",
+        )
+        .unwrap();
+        let main = &s.servers["main"];
+        assert_eq!(main.policy.as_ref().unwrap()["connections"]["max_per_ip"], 1);
+        assert_eq!(main.files["schemas/boom.json"], "{}");
+        assert_eq!(main.env["A"], "b");
+    }
+
+    #[test]
+    fn every_step_kind_parses() {
+        let text = r#"
+description: all the steps
+timeout: 30s
+servers:
+  a: {policy: {messages: {binary: close}}, args: [--dev], env: {X: "1"}}
+  b: {}
+steps:
+  - connect: {name: c1, server: a, user: alice, claims: {roles: [publisher]}, ttl: 2s, via: subprotocol,
+              origin: "https://app.example.com", silent: true, expect_welcome: {heartbeat_ms: 1000}}
+  - connect: {server: b, token: wrong_algorithm, algorithm: HS512, expect_status: 401, expect_error: unauthorized}
+  - connect: {name: c2, server: b, user: bob, via: cookie, token_name: sid, path: /ws, query: {x: "1"}, headers: {X-A: b}}
+  - send: {conn: c1, json: {type: publish, channel: alerts, data: 1}, pad_to: 100, repeat: 2}
+  - send: {conn: c1, binary: 16}
+  - send: {conn: c1, text_size: 20480}
+  - send: {conn: c2, text: "not json"}
+  - expect: {conn: c1, json: {type: ok}, within: 2s}
+  - expect: {conn: c1, text: "hi"}
+  - expect: {conn: c2, unordered: [{type: ok}, {type: message}]}
+  - expect_close: {conn: c1, code: 1009, reason: big, within: 3s, no_frames_before: true}
+  - expect_dropped: {conn: c2, close_frame: false}
+  - expect_no_frame: {conn: c2, for: 500ms}
+  - close: {conn: c2, code: 1000, reason: bye, expect_code: 1000}
+  - wait: 1s
+  - publish: {server: a, channel: alerts, data: {level: high}, repeat: 3, auth: wrong, expect_status: 403}
+  - publish: {server: b, channel: "user:bob", data_size: 8192}
+  - http: {server: a, listener: admin, method: POST, path: /v1/policy/reload, auth: valid, json: {},
+           expect_status: 200, expect_body: {ok: true}, expect_text: ok, expect_headers: {content-type: json},
+           retry_within: 2s}
+  - edit_policy: {server: a, policy: {connections: {max_per_ip: 2}}, files: {x.json: "{}"}, replace: true}
+  - pause_reading: c1
+  - resume_reading: c1
+  - expect_log: {server: a, contains: listening, within: 1s}
+"#;
+        let s = parse(text).unwrap();
+        assert_eq!(s.steps.len(), 22);
+        assert_eq!(s.timeout(), Dur::secs(30));
+        let kinds: Vec<&str> = s.steps.iter().map(Step::kind).collect();
+        assert!(kinds.contains(&"edit_policy") && kinds.contains(&"resume_reading"));
+        let Step::ExpectNoFrame(n) = &s.steps[12] else { panic!() };
+        assert_eq!(n.duration, Some(Dur::millis(500)));
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(err("steps:\n  - connect: {user: a, tokn: none}\n").contains("tokn"));
+        assert!(err("stepz: []\n").contains("stepz"));
+        assert!(err("steps:\n  - conect: {user: a}\n").contains("conect"));
+        assert!(err("steps:\n  - connect: {user: a, token: expird}\n").contains("expird"));
+    }
+
+    #[test]
+    fn references_must_exist_in_order() {
+        let e = err("steps:\n  - send: {conn: a, text: x}\n  - connect: {user: a}\n");
+        assert!(e.starts_with("step 1") && e.contains("no connection"), "{e}");
+        let e = err("steps:\n  - connect: {user: a}\n  - connect: {user: b}\n  - send: {text: x}\n");
+        assert!(e.starts_with("step 3") && e.contains("say which `conn`"), "{e}");
+        let e = err("steps:\n  - connect: {user: a, server: other}\n");
+        assert!(e.contains("no server named `other`"), "{e}");
+        let e = err("servers: {a: {}, b: {}}\nsteps:\n  - connect: {user: a}\n");
+        assert!(e.contains("say which `server`"), "{e}");
+        // A refused handshake opens no connection.
+        let e = err("steps:\n  - connect: {user: a, expect_status: 401}\n  - send: {conn: a, text: x}\n");
+        assert!(e.contains("no connection"), "{e}");
+    }
+
+    #[test]
+    fn combinations_are_checked() {
+        assert!(err("steps:\n  - connect: {user: a}\n  - send: {text: x, json: {}}\n").contains("only one"));
+        assert!(err("steps:\n  - connect: {user: a}\n  - send: {}\n").contains("give one of"));
+        assert!(err("steps:\n  - connect: {user: a}\n  - send: {text: x, pad_to: 5}\n").contains("pad_to"));
+        assert!(err("steps:\n  - connect: {user: a, retry_after: true}\n").contains("expect_status"));
+        assert!(err("steps:\n  - connect: {user: a, silent: true, expect_status: 401}\n").contains("silent"));
+        assert!(err("steps:\n  - connect: {user: a, algorithm: HS384}\n").contains("wrong_algorithm"));
+        assert!(err("steps:\n  - connect: {user: a, token: wrong_algorithm, algorithm: XX1}\n").contains("XX1"));
+        assert!(err("steps:\n  - connect: {token: none}\n").contains("name"));
+        assert!(err("steps:\n  - wait: 5\n").contains("duration"));
+        assert!(err("steps: []\n").contains("at least one step"));
+        assert!(err("policy: {a: 1}\nservers: {x: {}}\nsteps:\n  - wait: 1s\n").contains("inside `servers`"));
+        assert!(err("policy: [1]\nsteps:\n  - wait: 1s\n").contains("mapping"));
+    }
+}
