@@ -265,6 +265,11 @@ impl Ctx<'_> {
             self.redactor.register(format!("the token of step {}", index + 1), t.clone());
         }
 
+        // SPEC §2: logs never contain a query string either; long values are distinctive enough
+        // to look for.
+        for (k, v) in &s.query {
+            self.redactor.register(format!("the query parameter `{k}` of step {}", index + 1), v.clone());
+        }
         let mut query: Vec<(String, String)> = s.query.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut headers: Vec<(String, String)> = Vec::new();
         if let Some(origin) = &s.origin {
@@ -378,6 +383,16 @@ impl Ctx<'_> {
     }
 
     async fn expect(&mut self, s: &ExpectStep) -> Result<(), String> {
+        let repeat = s.repeat.unwrap_or(1);
+        for n in 1..=repeat {
+            self.expect_once(s)
+                .await
+                .map_err(|e| if repeat > 1 { format!("frame {n} of {repeat}: {e}") } else { e })?;
+        }
+        Ok(())
+    }
+
+    async fn expect_once(&mut self, s: &ExpectStep) -> Result<(), String> {
         let (until, within) = deadline(s.within);
         let state = self.conn(&s.conn)?;
         state.conn.set_reading(true);
@@ -569,7 +584,9 @@ impl Ctx<'_> {
         loop {
             match state.conn.next_event(until).await {
                 None => {
-                    return Err(format!("expected the server to answer with close {want} within {within}, got nothing"));
+                    return Err(format!(
+                        "expected the server to answer with close {want} within {within}, got nothing"
+                    ));
                 }
                 Some(Event::Text(_) | Event::Binary(_)) => skipped += 1,
                 Some(event @ (Event::Close { .. } | Event::Dropped { .. })) => {

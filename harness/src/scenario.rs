@@ -261,6 +261,9 @@ pub struct ExpectStep {
     /// The next frames match these subsets, one each, in any order.
     #[serde(default)]
     pub unordered: Option<Vec<Value>>,
+    /// Expect this many frames matching `json` (or `text`) in a row (default 1).
+    #[serde(default)]
+    pub repeat: Option<u32>,
     /// Deadline (default 5s).
     #[serde(default)]
     pub within: Option<Dur>,
@@ -630,6 +633,9 @@ fn resolve_step(step: &mut Step, servers: &BTreeSet<String>, conns: &mut BTreeSe
             if s.unordered.as_ref().is_some_and(Vec::is_empty) {
                 return Err("`unordered` needs at least one pattern".into());
             }
+            if s.repeat == Some(0) || (s.repeat.is_some() && s.unordered.is_some()) {
+                return Err("`repeat` must be at least 1, and goes with `json` or `text`".into());
+            }
             Ok(())
         }
         Step::ExpectClose(s) => pick_conn(&mut s.conn, conns),
@@ -719,7 +725,7 @@ steps:
   - send: {conn: c1, binary: 16}
   - send: {conn: c1, text_size: 20480}
   - send: {conn: c2, text: "not json"}
-  - expect: {conn: c1, json: {type: ok}, within: 2s}
+  - expect: {conn: c1, json: {type: ok}, within: 2s, repeat: 2}
   - expect: {conn: c1, text: "hi"}
   - expect: {conn: c2, unordered: [{type: ok}, {type: message}]}
   - expect_close: {conn: c1, code: 1009, reason: big, within: 3s, no_frames_before: true}
