@@ -324,3 +324,137 @@ async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn listener() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (l, addr)
+    }
+
+    fn handshake(addr: SocketAddr) -> Handshake {
+        Handshake { addr, path_and_query: "/ws?token=abc".into(), headers: vec![], timeout: Duration::from_secs(5) }
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    /// A refusal whose body arrives in a later TCP segment than its head is read completely.
+    #[tokio::test]
+    async fn refusal_body_split_from_its_head_is_complete() {
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            let body = br#"{"error":"too_many_requests","reason":"per-IP limit"}"#;
+            let head =
+                format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: {}\r\n\r\n", body.len());
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(body).await.unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        let mut h = handshake(addr);
+        h.headers.push(("Origin".into(), "https://app.example.com".into()));
+        match connect(&h, ReadMode::Reading).await.unwrap() {
+            Outcome::Refused { status, headers, body } => {
+                assert_eq!(status, 429);
+                assert!(headers.contains(&("retry-after".to_string(), "7".to_string())));
+                assert_eq!(body, br#"{"error":"too_many_requests","reason":"per-IP limit"}"#);
+            }
+            Outcome::Accepted { .. } => panic!("accepted"),
+        }
+        let request = server.await.unwrap();
+        assert!(request.starts_with("GET /ws?token=abc HTTP/1.1\r\n"), "{request}");
+        assert!(request.contains("Origin: https://app.example.com\r\n"), "{request}");
+    }
+
+    /// Frames, then a close frame with code and reason, arrive in order.
+    #[tokio::test]
+    async fn forwards_frames_and_the_close_code() {
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            ws.send(Message::text("hello")).await.unwrap();
+            ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+            let frame = CloseFrame { code: CloseCode::from(4009), reason: "replaced".into() };
+            ws.send(Message::Close(Some(frame))).await.unwrap();
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        let Outcome::Accepted { mut conn, .. } = connect(&handshake(addr), ReadMode::Reading).await.unwrap() else {
+            panic!("refused")
+        };
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Text("hello".into())));
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Binary(vec![1, 2, 3])));
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Close { code: Some(4009), reason: "replaced".into() }));
+    }
+
+    /// A peer that goes away without a close frame is reported as dropped.
+    #[tokio::test]
+    async fn reports_a_drop_without_close_frame() {
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            ws.send(Message::text("welcome")).await.unwrap();
+            drop(ws);
+        });
+        let Outcome::Accepted { mut conn, .. } = connect(&handshake(addr), ReadMode::Reading).await.unwrap() else {
+            panic!("refused")
+        };
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Text("welcome".into())));
+        assert!(matches!(conn.next_event(soon()).await, Some(Event::Dropped { .. })));
+    }
+
+    /// A silent connection takes its welcome, then reads nothing until told to.
+    #[tokio::test]
+    async fn silent_connection_reads_only_when_resumed() {
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            ws.send(Message::text("welcome")).await.unwrap();
+            ws.send(Message::text("second")).await.unwrap();
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        let Outcome::Accepted { mut conn, .. } =
+            connect(&handshake(addr), ReadMode::PauseAfterFirstFrame).await.unwrap()
+        else {
+            panic!("refused")
+        };
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Text("welcome".into())));
+        assert_eq!(conn.next_event(Instant::now() + Duration::from_millis(300)).await, None);
+        conn.set_reading(true);
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Text("second".into())));
+    }
+
+    /// The client's close is answered by a conforming server's echo.
+    #[tokio::test]
+    async fn client_close_gets_the_echo() {
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        let Outcome::Accepted { mut conn, .. } = connect(&handshake(addr), ReadMode::Reading).await.unwrap() else {
+            panic!("refused")
+        };
+        conn.close(1000, "bye", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Close { code: Some(1000), reason: "bye".into() }));
+        assert!(conn.send(Message::text("late"), Duration::from_secs(1)).await.is_err());
+    }
+}
