@@ -84,19 +84,23 @@ pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
             }
         }
     };
-    let result = result.and_then(|()| {
-        let leaks = ctx.redactor.leaks();
-        if leaks.is_empty() { Ok(()) } else { Err(format!("a log contains a secret (SPEC §2): {}", leaks.join("; "))) }
-    });
-    let report = match result {
-        Ok(()) => Ok(()),
-        Err(e) => Err(ctx.failure_report(&e)),
-    };
+    // A step failure is reported while the servers are as the failure left them.
+    let report = result.map_err(|e| ctx.failure_report(&e, true));
     ctx.conns.clear();
     for state in ctx.servers.values_mut() {
-        let _ = state.server.process.stop(Duration::from_secs(10)).await;
+        let process = &mut state.server.process;
+        let _ = process.stop(Duration::from_secs(10)).await;
+        // The last lines are still in the pipes when the process exits.
+        let _ = process.log().wait_for(|_| None::<()>, Instant::now() + Duration::from_secs(2)).await;
     }
-    report
+    report?;
+    // Checked after the stop, so what the servers print while shutting down counts too.
+    let leaks = ctx.redactor.leaks();
+    if leaks.is_empty() {
+        Ok(())
+    } else {
+        Err(ctx.failure_report(&format!("a log contains a secret (SPEC §2): {}", leaks.join("; ")), false))
+    }
 }
 
 /// Encodes a query-string value.
@@ -168,11 +172,11 @@ impl Ctx<'_> {
     }
 
     /// The failure message plus each server's state and log tail, redacted.
-    fn failure_report(&mut self, error: &str) -> String {
+    fn failure_report(&mut self, error: &str, show_exit: bool) -> String {
         let mut out = error.to_string();
         for (name, state) in &mut self.servers {
             let process = &mut state.server.process;
-            if let Some(status) = process.exit_status() {
+            if show_exit && let Some(status) = process.exit_status() {
                 out.push_str(&format!("\n  wsgate `{name}` is no longer running ({status})"));
             }
             let tail = process.log().tail(LOG_TAIL);
@@ -749,6 +753,46 @@ mod tests {
     fn percent_encodes_query_values() {
         assert_eq!(percent_encode("a.b-c_d~e"), "a.b-c_d~e");
         assert_eq!(percent_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+    }
+
+    /// A stand-in for wsgate: a shell script, so the supervisor and reports can be tested
+    /// without the server.
+    fn fake_server(dir: &std::path::Path, body: &str) -> RunConfig {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("fake-wsgate");
+        std::fs::write(&bin, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        RunConfig {
+            bin,
+            policies: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"),
+            ready_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_exits_is_reported_with_its_output_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fake_server(dir.path(), "echo \"starting with $WSGATE_JWT_SECRET\" >&2; exit 3");
+        let scenario = crate::scenario::parse("steps:\n  - wait: 10ms\n").unwrap();
+        let report = run(&scenario, &cfg).await.unwrap_err();
+        assert!(report.contains("exited (exit status: 3)"), "{report}");
+        assert!(report.contains("starting with <redacted: the JWT secret>"), "{report}");
+    }
+
+    #[tokio::test]
+    async fn a_secret_in_the_log_fails_an_otherwise_passing_scenario() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fake_server(
+            dir.path(),
+            "echo 'wsgate listening ws=127.0.0.1:9 admin=127.0.0.1:9'; echo \"admin=$WSGATE_ADMIN_TOKEN\" >&2; exec sleep 30",
+        );
+        let scenario = crate::scenario::parse("steps:\n  - wait: 10ms\n").unwrap();
+        let report = run(&scenario, &cfg).await.unwrap_err();
+        assert!(
+            report.starts_with("a log contains a secret (SPEC §2): wsgate `main` logged the admin token"),
+            "{report}"
+        );
+        assert!(report.contains("admin=<redacted: the admin token>"), "{report}");
     }
 
     fn connect_step(yaml: &str) -> ConnectStep {
