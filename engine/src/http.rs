@@ -77,14 +77,17 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, deadline: Durati
 }
 
 async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, ReadError> {
+    // A heap buffer only: this future lives inside every connection's task, and a stack
+    // array here would be carried by every idle connection.
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
     loop {
-        let n = stream.read(&mut chunk).await.map_err(|_| ReadError::Closed)?;
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(2048);
+        }
+        let n = stream.read_buf(&mut buf).await.map_err(|_| ReadError::Closed)?;
         if n == 0 {
             return Err(ReadError::Closed);
         }
-        buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {

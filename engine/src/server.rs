@@ -24,7 +24,8 @@ use crate::close::Refusal;
 use crate::gateway::{Gateway, Phase};
 use crate::http::{self, ReadError};
 use crate::policy::ConnLimits;
-use crate::{admin, decisions, handshake, session};
+use crate::session::{self, Session};
+use crate::{admin, decisions, handshake};
 
 /// A client must send its whole upgrade request within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,11 +130,23 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 }
 
 /// One accepted connection: handshake, then the session or a refusal.
-pub async fn handle<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>)
+pub async fn handle<S>(stream: S, peer: SocketAddr, gw: Arc<Gateway>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let request = match http::read_request(&mut stream, HANDSHAKE_TIMEOUT).await {
+    // The handshake's state is boxed, so it is freed when the session starts instead of
+    // sizing the task of every long-lived connection.
+    if let Some(session) = Box::pin(handshake(stream, peer, gw)).await {
+        session.run().await;
+    }
+}
+
+/// Reads and checks the upgrade request; answers a refusal, or upgrades and opens the session.
+async fn handshake<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>) -> Option<Box<Session<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut request = match http::read_request(&mut stream, HANDSHAKE_TIMEOUT).await {
         Ok(r) => r,
         Err(ReadError::TooLarge) => {
             let _ = timeout(
@@ -141,16 +154,17 @@ where
                 http::write_refusal(&mut stream, 431, "bad_request", "request head too large", &[]),
             )
             .await;
-            return;
+            return None;
         }
         Err(ReadError::Malformed) => {
             let refusal = Refusal::BadRequest("malformed HTTP request");
             let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refusal)).await;
-            return;
+            return None;
         }
-        Err(ReadError::Closed | ReadError::TimedOut) => return,
+        Err(ReadError::Closed | ReadError::TimedOut) => return None,
     };
-    match handshake::check(&gw, &request, peer, Instant::now()) {
+    let admitted = match handshake::check(&gw, &request, peer, Instant::now()) {
+        Ok(admitted) => admitted,
         Err(refused) => {
             if refused.refusal == Refusal::NotFound {
                 tracing::debug!(ip = %peer.ip(), "no such path");
@@ -158,16 +172,16 @@ where
                 decisions::handshake_refused(&refused, peer.ip());
             }
             let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refused.refusal)).await;
+            return None;
         }
-        Ok(admitted) => {
-            if handshake::accept(&mut stream, &admitted).await.is_err() {
-                return;
-            }
-            let config = ws_config(&admitted.limits);
-            let ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(config)).await;
-            session::run(ws, admitted, gw).await;
-        }
-    }
+    };
+    handshake::accept(&mut stream, &admitted).await.ok()?;
+    let config = ws_config(&admitted.limits);
+    // Frames the client sent right after its request; the rest of the request is freed.
+    let early = std::mem::take(&mut request.rest);
+    drop(request);
+    let ws = WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await;
+    Some(session::open(ws, admitted, gw))
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) -> std::io::Result<()> {

@@ -3,6 +3,11 @@
 //! signals from outside (replacement, shutdown) → close. No connection state lives anywhere
 //! else; the registry and the hub hold only ways to reach this task.
 //!
+//! The handlers are synchronous: they decide, queue the frames to send and say what happens
+//! next ([`Step`]). The loop is the only place that waits (to publish, to write, to close).
+//! That keeps the task small — every idle connection holds its whole state machine — and
+//! makes each handler a plain function.
+//!
 //! Timers: the server pings every `heartbeat.interval`; a peer that sends nothing within
 //! `heartbeat.timeout` of a ping is dropped (its TCP connection closed, no close frame: a dead
 //! peer cannot read one). The token's expiry closes with 4001 at that instant. Every
@@ -21,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -37,7 +42,7 @@ use crate::handshake::Admitted;
 use crate::limits::IpSlot;
 use crate::pipeline::{Decision, Frame, Pipeline};
 use crate::policy::{ConnContext, ConnInfo, Policy, RequestInfo};
-use crate::sessions::Control;
+use crate::sessions::{Control, Mailbox};
 
 /// Deliveries queued for one client before it counts as a slow consumer (4008).
 pub const OUTBOX_CAPACITY: usize = 256;
@@ -82,12 +87,28 @@ impl Timers {
     }
 }
 
+/// What the loop does after a handler.
+enum Step {
+    /// Keep serving.
+    Continue,
+    /// Hand a publish to the backplane, then answer `ok` to this message id.
+    Publish(Delivery, Option<String>),
+    /// Close with this code and reason.
+    Close(CloseCode, String),
+    /// Drop the connection without a close handshake.
+    Drop(&'static str),
+    /// The client closed; flush the echo and end.
+    ClientClosed(Option<u16>),
+}
+
 /// One live connection.
-struct Session<S> {
+pub struct Session<S> {
     /// Shared instance state.
     gw: Arc<Gateway>,
     /// The socket.
     ws: WebSocketStream<S>,
+    /// Frames to send once the current handler is done.
+    out: Vec<Message>,
     /// Process-unique number (registry and hub key).
     id: SessionId,
     /// The id clients and logs see: `<instance>.<number>`.
@@ -100,17 +121,13 @@ struct Session<S> {
     connected_at: SystemTime,
     /// Decides each client frame.
     pipeline: Pipeline,
-    /// This session's end of the hub, kept to subscribe and to see overflow.
-    outbox: Outbox,
     /// Deliveries for this client.
-    outbox_rx: mpsc::Receiver<Outbound>,
+    outbox: Outbox,
     /// Instructions from the registry (replacement, logout).
-    control_rx: mpsc::Receiver<Control>,
-    /// Whether `control_rx` can still deliver (stop polling a closed channel).
-    control_open: bool,
+    mailbox: Arc<Mailbox>,
     /// The lifecycle phase.
     phase: watch::Receiver<Phase>,
-    /// Whether `phase` can still change.
+    /// Whether `phase` can still change (stop polling a closed channel).
     phase_open: bool,
     /// Channels this session is subscribed to.
     channels: Vec<Box<str>>,
@@ -124,8 +141,10 @@ struct Session<S> {
     _ip_slot: IpSlot,
 }
 
-/// Serves an upgraded connection until it ends.
-pub async fn run<S>(ws: WebSocketStream<S>, admitted: Admitted, gw: Arc<Gateway>) -> Ended
+/// Builds the session, registers it (replacing older ones of the user), subscribes it to
+/// `alerts` and `user:<id>` and queues the welcome frame. Synchronous, so that nothing of the
+/// handshake stays in the connection's task.
+pub fn open<S>(ws: WebSocketStream<S>, admitted: Admitted, gw: Arc<Gateway>) -> Box<Session<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -138,7 +157,6 @@ where
     let conn =
         ConnInfo { id: name.clone(), user: user.clone(), ip, instance: gw.options.instance_id.clone(), connected_at };
     let ctx = ConnContext::new(policy, &claims, &conn);
-    drop(claims);
     let now = Instant::now();
     let timers = Timers {
         heartbeat: now + limits.heartbeat_interval,
@@ -148,50 +166,41 @@ where
         reauth: now + limits.reauth_interval,
         expires: expires_at.map(instant_of),
     };
-    let (outbox, outbox_rx) = Outbox::new(OUTBOX_CAPACITY);
-    let (control_tx, control_rx) = mpsc::channel(2);
     let max_per_user = limits.max_per_user;
-    let heartbeat_ms = limits.heartbeat_interval.as_millis();
-    let mut session = Session {
+    let welcome = json!({
+        "type": "welcome",
+        "session": name,
+        "user": user,
+        "instance": gw.options.instance_id,
+        "heartbeat_ms": limits.heartbeat_interval.as_millis(),
+    });
+    let mut session = Box::new(Session {
         phase: gw.watch_phase(),
         gw: gw.clone(),
         ws,
+        out: Vec::new(),
         id,
         name,
         user,
         ip,
         connected_at,
         pipeline: Pipeline::new(ctx, limits),
-        outbox,
-        outbox_rx,
-        control_rx,
-        control_open: true,
+        outbox: Outbox::new(OUTBOX_CAPACITY),
+        mailbox: Arc::default(),
         phase_open: true,
         channels: Vec::new(),
         token,
         request,
         timers,
         _ip_slot: ip_slot,
-    };
-    let replaced = gw.sessions.register(&session.user, id, control_tx, max_per_user);
+    });
+    let replaced = gw.sessions.register(&session.user, id, session.mailbox.clone(), max_per_user);
     tracing::info!(session = %session.name, user = %session.user, ip = %ip, replaced, "connection opened");
     session.subscribe("alerts");
     let own = format!("user:{}", session.user);
     session.subscribe(&own);
-    let welcome = json!({
-        "type": "welcome",
-        "session": session.name,
-        "user": session.user,
-        "instance": gw.options.instance_id,
-        "heartbeat_ms": heartbeat_ms,
-    });
-    let ended = match session.send_json(&welcome).await {
-        Ok(()) => session.serve().await,
-        Err(ended) => ended,
-    };
-    let lived = connected_at.elapsed().unwrap_or_default();
-    tracing::info!(session = %session.name, user = %session.user, ended = ?ended, seconds = lived.as_secs_f64(), "connection closed");
-    ended
+    session.queue_json(&welcome);
+    session
 }
 
 /// A wall-clock instant as an instant on tokio's clock (the past becomes now).
@@ -204,46 +213,78 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    /// Serves the connection until it ends. The session is boxed: async code keeps copies of
+    /// its by-value state, and every idle connection would pay for them.
+    pub async fn run(mut self: Box<Self>) -> Ended {
+        let ended = self.serve().await;
+        let lived = self.connected_at.elapsed().unwrap_or_default();
+        tracing::info!(session = %self.name, user = %self.user, ended = ?ended, seconds = lived.as_secs_f64(), "connection closed");
+        ended
+    }
+
+    /// The loop: wait for the next event, let its handler decide, then publish, write and
+    /// close as it said.
     async fn serve(&mut self) -> Ended {
         loop {
+            if let Err(ended) = self.flush().await {
+                return ended;
+            }
             let deadline = self.timers.next();
             let step = tokio::select! {
                 biased;
-                control = self.control_rx.recv(), if self.control_open => self.on_control(control).await,
-                changed = self.phase.changed(), if self.phase_open => self.on_phase(changed.is_ok()).await,
-                frame = self.ws.next() => self.on_frame(frame).await,
-                out = self.outbox_rx.recv() => self.on_outbound(out).await,
-                () = sleep_until(deadline) => self.on_timer().await,
+                control = self.mailbox.recv() => self.on_control(control),
+                changed = self.phase.changed(), if self.phase_open => self.on_phase(changed.is_ok()),
+                frame = self.ws.next() => self.on_frame(frame),
+                out = self.outbox.recv() => self.on_outbound(out),
+                () = sleep_until(deadline) => self.on_timer(),
             };
-            if let Err(ended) = step {
-                return ended;
+            let step = match step {
+                Step::Publish(delivery, id) => self.publish(delivery, id).await,
+                step => step,
+            };
+            match step {
+                Step::Continue | Step::Publish(..) => {}
+                Step::Close(code, reason) => {
+                    // What was queued before the close (an error frame) goes first.
+                    if let Err(ended) = self.flush().await {
+                        return ended;
+                    }
+                    return self.close(code, &reason).await;
+                }
+                Step::Drop(why) => return Ended::Dropped(why),
+                Step::ClientClosed(code) => {
+                    // tungstenite has queued the close echo: flush it, and read until the end.
+                    let ws = &mut self.ws;
+                    let _ = timeout(CLOSE_TIMEOUT, async move {
+                        let _ = ws.flush().await;
+                        while let Some(Ok(_)) = ws.next().await {}
+                    })
+                    .await;
+                    return Ended::ClientClosed(code);
+                }
             }
         }
     }
 
-    async fn on_control(&mut self, control: Option<Control>) -> Result<(), Ended> {
+    fn on_control(&mut self, control: Control) -> Step {
         match control {
-            Some(Control::Close(code, reason)) => Err(self.close(code, &reason).await),
-            None => {
-                self.control_open = false;
-                Ok(())
-            }
+            Control::Close(code, reason) => Step::Close(code, reason),
         }
     }
 
-    async fn on_phase(&mut self, open: bool) -> Result<(), Ended> {
+    fn on_phase(&mut self, open: bool) -> Step {
         self.phase_open = open;
         if !open || *self.phase.borrow_and_update() != Phase::Running {
-            return Err(self.close(CloseCode::GoingAway, "server shutting down").await);
+            return Step::Close(CloseCode::GoingAway, "server shutting down".into());
         }
-        Ok(())
+        Step::Continue
     }
 
-    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), Ended> {
+    fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Step {
         let message = match frame {
-            None => return Err(Ended::Dropped("connection lost")),
+            None => return Step::Drop("connection lost"),
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(self.on_read_error(e).await),
+            Some(Err(e)) => return self.on_read_error(e),
         };
         // Anything from the peer shows it is alive.
         if self.timers.awaiting_pong {
@@ -251,86 +292,73 @@ where
             self.timers.heartbeat = self.timers.last_ping + self.pipeline.limits.heartbeat_interval;
         }
         match message {
-            Message::Text(text) => self.on_data(Frame::Text(&text)).await,
-            Message::Binary(bytes) => self.on_data(Frame::Binary(&bytes)).await,
+            Message::Text(text) => self.on_data(Frame::Text(&text)),
+            Message::Binary(bytes) => self.on_data(Frame::Binary(&bytes)),
             // tungstenite answers pings itself; pongs only count as liveness.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
-            Message::Close(frame) => {
-                // Flush the close echo tungstenite has queued, then we are done.
-                let _ = timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
-                Err(Ended::ClientClosed(frame.map(|f| u16::from(f.code))))
-            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Step::Continue,
+            Message::Close(frame) => Step::ClientClosed(frame.map(|f| u16::from(f.code))),
         }
     }
 
-    async fn on_read_error(&mut self, e: WsError) -> Ended {
+    fn on_read_error(&mut self, e: WsError) -> Step {
         match e {
             WsError::Capacity(_) => {
                 let max = self.pipeline.limits.max_bytes;
-                decisions::message_refused(
-                    Err(CloseCode::TooBig),
-                    None,
-                    "message too large",
-                    &self.user,
-                    self.ip,
-                    &self.name,
-                );
-                self.close(CloseCode::TooBig, &format!("message larger than {max} bytes")).await
+                let reason = format!("message larger than {max} bytes");
+                decisions::message_refused(Err(CloseCode::TooBig), None, &reason, &self.user, self.ip, &self.name);
+                Step::Close(CloseCode::TooBig, reason)
             }
-            WsError::Utf8(_) => self.close(CloseCode::InvalidPayload, "text frame is not UTF-8").await,
+            WsError::Utf8(_) => Step::Close(CloseCode::InvalidPayload, "text frame is not UTF-8".into()),
             WsError::Protocol(p) => {
                 tracing::debug!(session = %self.name, error = %p, "WebSocket protocol error");
-                self.close(CloseCode::ProtocolError, "protocol error").await
+                Step::Close(CloseCode::ProtocolError, "protocol error".into())
             }
-            _ => Ended::Dropped("connection lost"),
+            _ => Step::Drop("connection lost"),
         }
     }
 
-    /// A data frame: the pipeline decides, then the message is routed or refused.
-    async fn on_data(&mut self, frame: Frame<'_>) -> Result<(), Ended> {
+    /// A data frame: the pipeline decides, then the message is routed or refused. A panic in
+    /// here (a bug, in us or a dependency) closes this connection with 1011 and leaves everyone
+    /// else untouched.
+    fn on_data(&mut self, frame: Frame<'_>) -> Step {
         let now = Instant::now();
         self.timers.idle = now + self.pipeline.limits.idle_timeout;
-        let failpoint = self.gw.failpoint().cloned();
-        let pipeline = &mut self.pipeline;
-        // A panic deciding one message (a bug, in us or a dependency) closes this connection
-        // with 1011 and leaves everyone else untouched.
-        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let decision = pipeline.process(frame, now, SystemTime::now());
-            if let (Some(Failpoint::PanicOnMessageType(kind)), Decision::Accept { message, .. }) =
-                (&failpoint, &decision)
-                && message.get("type").and_then(Value::as_str) == Some(kind.as_str())
-            {
-                panic!("failpoint panic_on_message_type:{kind}");
-            }
-            decision
-        }));
-        let decision = match decided {
-            Ok(d) => d,
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.decide(frame, now))) {
+            Ok(step) => step,
             Err(_) => {
-                tracing::error!(session = %self.name, "internal error while deciding a message");
-                return Err(self.close(CloseCode::Internal, "internal error").await);
+                tracing::error!(session = %self.name, "internal error while handling a message");
+                Step::Close(CloseCode::Internal, "internal error".into())
             }
-        };
-        match decision {
+        }
+    }
+
+    fn decide(&mut self, frame: Frame<'_>, now: Instant) -> Step {
+        match self.pipeline.process(frame, now, SystemTime::now()) {
             Decision::Accept { message, audit } => {
                 decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
-                self.route(message).await
+                if let Some(Failpoint::PanicOnMessageType(kind)) = self.gw.failpoint()
+                    && message.get("type").and_then(Value::as_str) == Some(kind.as_str())
+                {
+                    panic!("failpoint panic_on_message_type:{kind}");
+                }
+                self.route(&message)
             }
-            Decision::Ignore => Ok(()),
+            Decision::Ignore => Step::Continue,
             Decision::Refuse { code, id, reason, rule, audit } => {
                 decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
                 decisions::message_refused(Ok(code), rule.as_ref(), &reason, &self.user, self.ip, &self.name);
-                self.send_error(id.as_deref(), code, &reason).await
+                self.queue_error(id.as_deref(), code, &reason);
+                Step::Continue
             }
             Decision::Close { code, reason, rule } => {
                 decisions::message_refused(Err(code), rule.as_ref(), &reason, &self.user, self.ip, &self.name);
-                Err(self.close(code, &reason).await)
+                Step::Close(code, reason)
             }
         }
     }
 
     /// An accepted message, by type.
-    async fn route(&mut self, message: Value) -> Result<(), Ended> {
+    fn route(&mut self, message: &Value) -> Step {
         let id = message.get("id").and_then(Value::as_str);
         let kind = message.get("type").and_then(Value::as_str).unwrap_or_default();
         let channel = message.get("channel").and_then(Value::as_str);
@@ -339,60 +367,67 @@ where
                 if !self.channels.iter().any(|c| &**c == channel) {
                     if self.channels.len() >= MAX_SUBSCRIPTIONS {
                         let reason = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection");
-                        return self.send_error(id, ErrorCode::Forbidden, &reason).await;
+                        self.queue_error(id, ErrorCode::Forbidden, &reason);
+                        return Step::Continue;
                     }
                     self.subscribe(channel);
                 }
-                self.send_ok(id).await
+                self.queue_ok(id);
             }
             ("unsubscribe", Some(channel)) => {
                 self.unsubscribe(channel);
-                self.send_ok(id).await
+                self.queue_ok(id);
             }
             ("publish", Some(channel)) => {
                 let data = message.get("data").unwrap_or(&Value::Null);
                 let delivery = Delivery::new(channel, self.gw.ids.next_id(), data);
-                if let Err(e) = self.gw.backplane.publish(delivery).await {
-                    tracing::error!(session = %self.name, error = %e.0, "publish failed");
-                    return Err(self.close(CloseCode::Internal, "publish failed").await);
-                }
-                self.send_ok(id).await
+                return Step::Publish(delivery, id.map(str::to_string));
             }
             ("subscribe" | "unsubscribe" | "publish", None) => {
-                self.send_error(id, ErrorCode::SchemaViolation, "`channel` must be a string").await
+                self.queue_error(id, ErrorCode::SchemaViolation, "`channel` must be a string");
             }
             ("auth", _) => {
                 let token = message.get("token").and_then(Value::as_str).unwrap_or_default();
-                self.on_auth(id, token).await
+                self.on_auth(id, token);
             }
-            ("ping", _) => {
-                let pong = match id {
-                    Some(id) => json!({"type": "pong", "ref": id}),
-                    None => json!({"type": "pong"}),
-                };
-                self.send_json(&pong).await
-            }
+            ("ping", _) => match id {
+                Some(id) => self.queue_json(&json!({"type": "pong", "ref": id})),
+                None => self.queue_json(&json!({"type": "pong"})),
+            },
             // A type the policy defines beyond the built-in ones: validated and acknowledged.
-            _ => self.send_ok(id).await,
+            _ => self.queue_ok(id),
+        }
+        Step::Continue
+    }
+
+    async fn publish(&mut self, delivery: Delivery, id: Option<String>) -> Step {
+        match self.gw.backplane.publish(delivery).await {
+            Ok(_) => {
+                self.queue_ok(id.as_deref());
+                Step::Continue
+            }
+            Err(e) => {
+                tracing::error!(session = %self.name, error = %e.0, "publish failed");
+                Step::Close(CloseCode::Internal, "publish failed".into())
+            }
         }
     }
 
     /// An `auth` message: a valid token for the same user replaces the session's token and
     /// its expiry; anything else is refused and the current token stands.
-    async fn on_auth(&mut self, id: Option<&str>, token: &str) -> Result<(), Ended> {
+    fn on_auth(&mut self, id: Option<&str>, token: &str) {
         let policy = self.gw.policy();
         match self.authenticate(&policy, token) {
             Ok((claims, expires)) => {
                 self.apply_token(policy, token.to_string(), &claims, expires);
-                self.send_ok(id).await
+                self.queue_ok(id);
             }
             Err((_, reason)) => {
                 decisions::message_refused(Ok(ErrorCode::Forbidden), None, &reason, &self.user, self.ip, &self.name);
-                self.send_error(id, ErrorCode::Forbidden, &reason).await
+                self.queue_error(id, ErrorCode::Forbidden, &reason);
             }
         }
     }
-
     /// Verifies `token` for this session under `policy`: signature, expiry, same user,
     /// connect rules and limits. On failure, the close code a re-check would use and why.
     fn authenticate(&self, policy: &Policy, token: &str) -> Result<(Value, Option<SystemTime>), (CloseCode, String)> {
@@ -425,36 +460,36 @@ where
         self.timers.expires = expires.map(instant_of);
     }
 
-    async fn on_outbound(&mut self, out: Option<Outbound>) -> Result<(), Ended> {
+    fn on_outbound(&mut self, out: Outbound) -> Step {
         match out {
-            Some(Outbound::Frame(_)) | Some(Outbound::Overflow) if self.outbox.overflowed() => {
-                let reason = format!("more than {OUTBOX_CAPACITY} undelivered messages");
-                Err(self.close(CloseCode::SlowConsumer, &reason).await)
+            Outbound::Frame(frame) => {
+                self.out.push(Message::Text(frame));
+                Step::Continue
             }
-            Some(Outbound::Frame(frame)) => self.send(Message::Text(frame)).await,
-            // The session holds a sender itself, so the queue never closes.
-            Some(Outbound::Overflow) | None => Ok(()),
+            Outbound::Overflow => {
+                Step::Close(CloseCode::SlowConsumer, format!("more than {OUTBOX_CAPACITY} undelivered messages"))
+            }
         }
     }
 
-    async fn on_timer(&mut self) -> Result<(), Ended> {
+    fn on_timer(&mut self) -> Step {
         let now = Instant::now();
         if self.timers.expires.is_some_and(|e| now >= e) {
-            return Err(self.close(CloseCode::TokenExpired, "token expired").await);
+            return Step::Close(CloseCode::TokenExpired, "token expired".into());
         }
         let (pong_timeout, reauth) = (self.pipeline.limits.heartbeat_timeout, self.pipeline.limits.reauth_interval);
         if now >= self.timers.heartbeat {
             if self.timers.awaiting_pong {
                 tracing::info!(session = %self.name, user = %self.user, "heartbeat timeout: dropping the connection");
-                return Err(Ended::Dropped("heartbeat timeout"));
+                return Step::Drop("heartbeat timeout");
             }
             self.timers.awaiting_pong = true;
             self.timers.last_ping = now;
             self.timers.heartbeat = now + pong_timeout;
-            self.send(Message::Ping(Default::default())).await?;
+            self.out.push(Message::Ping(Default::default()));
         }
         if now >= self.timers.idle {
-            return Err(self.close(CloseCode::Normal, "idle timeout").await);
+            return Step::Close(CloseCode::Normal, "idle timeout".into());
         }
         if now >= self.timers.reauth {
             self.timers.reauth = now + reauth;
@@ -474,11 +509,11 @@ where
                         reason = %reason,
                         "re-authentication failed"
                     );
-                    return Err(self.close(code, &format!("re-authentication failed: {reason}")).await);
+                    return Step::Close(code, format!("re-authentication failed: {reason}"));
                 }
             }
         }
-        Ok(())
+        Step::Continue
     }
 
     fn subscribe(&mut self, channel: &str) {
@@ -497,30 +532,36 @@ where
         }
     }
 
-    async fn send_ok(&mut self, id: Option<&str>) -> Result<(), Ended> {
-        match id {
-            Some(id) => self.send_json(&json!({"type": "ok", "ref": id})).await,
-            None => Ok(()),
+    fn queue_ok(&mut self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.queue_json(&json!({"type": "ok", "ref": id}));
         }
     }
 
-    async fn send_error(&mut self, id: Option<&str>, code: ErrorCode, reason: &str) -> Result<(), Ended> {
-        self.send_json(&json!({"type": "error", "ref": id, "code": code.as_str(), "reason": reason})).await
+    fn queue_error(&mut self, id: Option<&str>, code: ErrorCode, reason: &str) {
+        self.queue_json(&json!({"type": "error", "ref": id, "code": code.as_str(), "reason": reason}));
     }
 
-    async fn send_json(&mut self, value: &Value) -> Result<(), Ended> {
-        self.send(Message::Text(Utf8Bytes::from(value.to_string()))).await
+    fn queue_json(&mut self, value: &Value) {
+        self.out.push(Message::Text(Utf8Bytes::from(value.to_string())));
     }
 
-    /// Sends one frame; a client that does not take it within `heartbeat.timeout` is a slow
-    /// consumer.
-    async fn send(&mut self, message: Message) -> Result<(), Ended> {
+    /// Writes the queued frames. A client that does not take one within `heartbeat.timeout`
+    /// is a slow consumer: closed with 4008.
+    async fn flush(&mut self) -> Result<(), Ended> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         let deadline = self.pipeline.limits.heartbeat_timeout;
-        match timeout(deadline, self.ws.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Ended::Dropped("write failed")),
-            Err(_) => Err(self.close(CloseCode::SlowConsumer, "the client does not read").await),
+        // Taking the queue also gives its buffer back: an idle connection holds none.
+        for message in std::mem::take(&mut self.out) {
+            match timeout(deadline, self.ws.send(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Ended::Dropped("write failed")),
+                Err(_) => return Err(self.close(CloseCode::SlowConsumer, "the client does not read").await),
+            }
         }
+        Ok(())
     }
 
     /// Sends a close frame and waits (bounded) for the client's; then the connection is done.

@@ -2,9 +2,9 @@
 //! the oldest are closed with 4009) and reaches every session of a user (logout, revocation).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::broker::hub::SessionId;
 use crate::close::CloseCode;
@@ -16,11 +16,42 @@ pub enum Control {
     Close(CloseCode, String),
 }
 
+/// How the outside reaches one session: a slot for one instruction and a wake-up. Cheaper
+/// than a channel per connection (which allocates its buffers up front), and enough: the only
+/// instruction so far is terminal, and the first one posted wins.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    slot: Mutex<Option<Control>>,
+    ready: Notify,
+}
+
+impl Mailbox {
+    /// Posts an instruction unless one is already waiting.
+    pub fn post(&self, control: Control) {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(control);
+        }
+        drop(slot);
+        self.ready.notify_one();
+    }
+
+    /// The next instruction. Cancel-safe: it is taken only in the poll that returns it.
+    pub async fn recv(&self) -> Control {
+        loop {
+            if let Some(control) = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return control;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// One registered session.
 #[derive(Debug)]
 struct Entry {
     id: SessionId,
-    control: mpsc::Sender<Control>,
+    mailbox: Arc<Mailbox>,
 }
 
 /// Sessions by user id.
@@ -32,18 +63,17 @@ pub struct Registry {
 impl Registry {
     /// Registers a new session of `user`; if the user then has more than `max_per_user`
     /// sessions, the oldest are told to close with 4009. Returns how many were replaced.
-    pub fn register(&self, user: &str, id: SessionId, control: mpsc::Sender<Control>, max_per_user: u64) -> usize {
+    pub fn register(&self, user: &str, id: SessionId, mailbox: Arc<Mailbox>, max_per_user: u64) -> usize {
         let evicted: Vec<Entry> = {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             let sessions = users.entry(user.to_string()).or_default();
-            sessions.push(Entry { id, control });
+            sessions.push(Entry { id, mailbox });
             let keep = usize::try_from(max_per_user.max(1)).unwrap_or(usize::MAX);
             let excess = sessions.len().saturating_sub(keep);
             sessions.drain(..excess).collect()
         };
         for entry in &evicted {
-            let _ =
-                entry.control.try_send(Control::Close(CloseCode::Replaced, "replaced by a newer connection".into()));
+            entry.mailbox.post(Control::Close(CloseCode::Replaced, "replaced by a newer connection".into()));
         }
         evicted.len()
     }
@@ -61,14 +91,14 @@ impl Registry {
 
     /// Tells every session of `user` to close; returns how many there were.
     pub fn close_user(&self, user: &str, code: CloseCode, reason: &str) -> usize {
-        let controls: Vec<mpsc::Sender<Control>> = {
+        let mailboxes: Vec<Arc<Mailbox>> = {
             let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-            users.get(user).map(|s| s.iter().map(|e| e.control.clone()).collect()).unwrap_or_default()
+            users.get(user).map(|s| s.iter().map(|e| e.mailbox.clone()).collect()).unwrap_or_default()
         };
-        for c in &controls {
-            let _ = c.try_send(Control::Close(code, reason.to_string()));
+        for m in &mailboxes {
+            m.post(Control::Close(code, reason.to_string()));
         }
-        controls.len()
+        mailboxes.len()
     }
 
     /// Live sessions of `user`.
@@ -84,18 +114,15 @@ mod tests {
     #[tokio::test]
     async fn the_newest_wins_and_the_oldest_gets_4009() {
         let r = Registry::default();
-        let (a, mut ra) = mpsc::channel(4);
-        let (b, mut rb) = mpsc::channel(4);
-        let (c, mut rc) = mpsc::channel(4);
-        assert_eq!(r.register("u", 1, a, 2), 0);
-        assert_eq!(r.register("u", 2, b, 2), 0);
-        assert_eq!(r.register("u", 3, c, 2), 1);
-        assert_eq!(
-            ra.try_recv().unwrap(),
-            Control::Close(CloseCode::Replaced, "replaced by a newer connection".into())
-        );
-        assert!(rb.try_recv().is_err() && rc.try_recv().is_err());
+        let (a, b, c) = (Arc::new(Mailbox::default()), Arc::new(Mailbox::default()), Arc::new(Mailbox::default()));
+        assert_eq!(r.register("u", 1, a.clone(), 2), 0);
+        assert_eq!(r.register("u", 2, b.clone(), 2), 0);
+        assert_eq!(r.register("u", 3, c.clone(), 2), 1);
+        assert_eq!(a.recv().await, Control::Close(CloseCode::Replaced, "replaced by a newer connection".into()));
+        assert!(b.slot.lock().unwrap().is_none() && c.slot.lock().unwrap().is_none());
         assert_eq!(r.count("u"), 2);
+        assert_eq!(r.close_user("u", CloseCode::LoggedOut, "bye"), 2);
+        assert_eq!(b.recv().await, Control::Close(CloseCode::LoggedOut, "bye".into()));
         r.deregister("u", 2);
         r.deregister("u", 3);
         assert_eq!(r.count("u"), 0);

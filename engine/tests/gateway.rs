@@ -405,3 +405,14 @@ async fn subscribe_publish_and_deliveries() {
     send(&mut reader, json!({"type": "ping", "id": "5"})).await;
     assert_eq!(next_json(&mut reader).await, json!({"type": "pong", "ref": "5"}), "nothing else was delivered");
 }
+
+/// Every idle connection holds its task's whole state machine: keep it small. (The session's
+/// own state is boxed separately; the handshake's is freed once the session starts.)
+#[tokio::test]
+async fn a_connection_task_stays_small() {
+    let gw = gateway(same);
+    let (_client, server) = tokio::io::duplex(16);
+    let task = wsgate::server::handle(server, "127.0.0.1:1".parse().unwrap(), gw);
+    let size = std::mem::size_of_val(&task);
+    assert!(size <= 1024, "a connection's task is {size} bytes");
+}

@@ -1,64 +1,122 @@
 //! The in-process hub: which local sessions are subscribed to which channels, and delivery to
 //! them through bounded outboxes.
 //!
-//! A delivery is serialized once and shared (reference-counted `Utf8Bytes`) by every subscriber. An outbox is a
-//! bounded queue: a subscriber whose queue is full is not waited for — the delivery to it is
-//! dropped and the session is told to close as a slow consumer, so one client that does not
-//! read never grows memory or delays anyone else.
+//! A delivery is serialized once and shared (reference-counted `Utf8Bytes`) by every
+//! subscriber. An outbox is a bounded queue: a subscriber whose queue is full is not waited
+//! for — the delivery to it is dropped and the session closes as a slow consumer, so one
+//! client that does not read never grows memory or delays anyone else.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// A session's id, unique within the process.
 pub type SessionId = u64;
 
-/// What the hub hands a session.
+/// What a session takes from its outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     /// A ready `message` frame (JSON text).
     Frame(Utf8Bytes),
-    /// The session's outbox overflowed: close it as a slow consumer.
+    /// The outbox overflowed: close the session as a slow consumer.
     Overflow,
 }
 
-/// One session's end of the hub.
+/// One session's queue of deliveries. Bounded: an offer to a full queue is refused and marks
+/// the outbox overflowed, and the session then closes. An idle outbox holds no buffer (the
+/// queue allocates only while deliveries wait), which matters at tens of thousands of idle
+/// connections.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    /// Bounded queue into the session task.
-    pub tx: mpsc::Sender<Outbound>,
-    /// Set once the overflow notice is queued, so it is sent only once.
-    overflowed: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<OutboxShared>,
+}
+
+#[derive(Debug)]
+struct OutboxShared {
+    /// Waiting deliveries, oldest first.
+    queue: Mutex<VecDeque<Utf8Bytes>>,
+    /// Wakes the session when a delivery arrives or the queue overflows.
+    ready: Notify,
+    /// Most deliveries waiting at once.
+    capacity: usize,
+    /// Set once a delivery was refused; the session closes.
+    overflowed: AtomicBool,
 }
 
 impl Outbox {
-    /// An outbox and its receiving end, holding at most `capacity` frames.
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
-        // One extra slot keeps room for the overflow notice itself.
-        let (tx, rx) = mpsc::channel(capacity + 1);
-        (Outbox { tx, overflowed: Arc::default() }, rx)
+    /// An outbox holding at most `capacity` frames.
+    pub fn new(capacity: usize) -> Outbox {
+        Outbox {
+            shared: Arc::new(OutboxShared {
+                queue: Mutex::new(VecDeque::new()),
+                ready: Notify::new(),
+                capacity,
+                overflowed: AtomicBool::new(false),
+            }),
+        }
     }
 
-    /// Queues a frame without waiting. Returns false when the session is gone or overflowed.
+    /// Queues a frame without waiting. Returns false when the queue is full (the outbox is
+    /// then overflowed for good) or already overflowed.
     pub fn offer(&self, frame: &Utf8Bytes) -> bool {
-        use std::sync::atomic::Ordering;
-        if self.overflowed.load(Ordering::Relaxed) {
+        let s = &self.shared;
+        if s.overflowed.load(Ordering::Relaxed) {
             return false;
         }
-        // Keep the last slot for the overflow notice.
-        if self.tx.capacity() <= 1 {
-            self.overflowed.store(true, Ordering::Relaxed);
-            let _ = self.tx.try_send(Outbound::Overflow);
-            return false;
-        }
-        self.tx.try_send(Outbound::Frame(frame.clone())).is_ok()
+        let queued = {
+            let mut queue = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.len() >= s.capacity {
+                s.overflowed.store(true, Ordering::Relaxed);
+                false
+            } else {
+                queue.push_back(frame.clone());
+                true
+            }
+        };
+        s.ready.notify_one();
+        queued
     }
 
-    /// Whether a delivery was dropped because the queue was full: the session must close.
+    /// Whether a delivery was refused because the queue was full: the session must close.
     pub fn overflowed(&self) -> bool {
-        self.overflowed.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries waiting.
+    pub fn len(&self) -> usize {
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self) -> Option<Utf8Bytes> {
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let frame = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 0 {
+            // Give the buffer back: a burst does not cost memory for the rest of the connection.
+            *queue = VecDeque::new();
+        }
+        frame
+    }
+
+    /// The next delivery, or the overflow notice. Cancel-safe: a frame is only taken in the
+    /// poll that returns it.
+    pub async fn recv(&self) -> Outbound {
+        loop {
+            if self.overflowed() {
+                return Outbound::Overflow;
+            }
+            if let Some(frame) = self.take() {
+                return Outbound::Frame(frame);
+            }
+            self.shared.ready.notified().await;
+        }
     }
 }
 
@@ -141,8 +199,8 @@ mod tests {
     #[tokio::test]
     async fn delivers_to_subscribers_only_and_tracks_first_and_last() {
         let hub = Hub::default();
-        let (a, mut ra) = Outbox::new(8);
-        let (b, mut rb) = Outbox::new(8);
+        let a = Outbox::new(8);
+        let b = Outbox::new(8);
         assert!(hub.subscribe("alerts", 1, &a));
         assert!(!hub.subscribe("alerts", 2, &b));
         assert!(hub.subscribe("user:1", 1, &a));
@@ -150,9 +208,10 @@ mod tests {
         assert_eq!(hub.deliver("alerts", &frame), Fanout { delivered: 2, dropped: 0 });
         assert_eq!(hub.deliver("user:1", &frame).delivered, 1);
         assert_eq!(hub.deliver("nobody", &frame).delivered, 0);
-        assert_eq!(ra.recv().await, Some(Outbound::Frame(frame.clone())));
-        assert_eq!(ra.recv().await, Some(Outbound::Frame(frame.clone())));
-        assert_eq!(rb.recv().await, Some(Outbound::Frame(frame.clone())));
+        assert_eq!(a.recv().await, Outbound::Frame(frame.clone()));
+        assert_eq!(a.recv().await, Outbound::Frame(frame.clone()));
+        assert_eq!(b.recv().await, Outbound::Frame(frame.clone()));
+        assert!(a.is_empty() && b.is_empty());
         assert!(!hub.unsubscribe("alerts", 1));
         assert!(hub.unsubscribe("alerts", 2));
         assert_eq!(hub.unsubscribe_all(["user:1", "alerts"], 1), vec!["user:1".to_string()]);
@@ -160,18 +219,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_outbox_drops_and_signals_overflow_once() {
+    async fn a_full_outbox_refuses_and_stays_overflowed() {
         let hub = Hub::default();
-        let (slow, mut rx) = Outbox::new(2);
+        let slow = Outbox::new(2);
         hub.subscribe("alerts", 1, &slow);
         let frame = Utf8Bytes::from("x");
         let results: Vec<Fanout> = (0..5).map(|_| hub.deliver("alerts", &frame)).collect();
         assert_eq!(results.iter().map(|f| f.delivered).sum::<usize>(), 2);
         assert_eq!(results.iter().map(|f| f.dropped).sum::<usize>(), 3);
-        let mut got = Vec::new();
-        while let Ok(o) = rx.try_recv() {
-            got.push(o);
-        }
-        assert_eq!(got, vec![Outbound::Frame(frame.clone()), Outbound::Frame(frame), Outbound::Overflow]);
+        assert!(slow.overflowed());
+        assert_eq!(slow.recv().await, Outbound::Overflow, "overflow comes before what is queued");
+        assert_eq!(slow.len(), 2, "and never more than the capacity was held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recv_waits_for_a_delivery() {
+        let outbox = Outbox::new(4);
+        let waiting = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.recv().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(outbox.offer(&Utf8Bytes::from("late")));
+        assert_eq!(waiting.await.unwrap(), Outbound::Frame(Utf8Bytes::from("late")));
     }
 }
