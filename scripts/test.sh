@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, the workspace's tests, the
-# shipped policies' own checks and tests, and each fuzz target briefly.
+# shipped policies' own checks and tests, the harness scenarios against real wsgate
+# processes, the idle-connection memory budget, and each fuzz target briefly.
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to fuzz longer, FUZZ_SECONDS=0 to skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,17 @@ step "cargo test"
 cargo test --workspace
 
 step "policy check + test: policies and policies/examples/*"
-cargo build --quiet -p wsgate
+cargo build --quiet -p wsgate -p wsgate-harness
 for dir in policies policies/examples/*/; do
   ./target/debug/wsgate policy check "$dir"
   ./target/debug/wsgate policy test "$dir"
 done
+
+step "scenarios against real wsgate processes (harness/scenarios)"
+./target/debug/wsgate-harness run harness/scenarios --junit target/scenarios.xml
+
+step "memory: RSS per idle authenticated connection at 2,000 connections (budget 8 KiB)"
+./target/debug/wsgate-harness idle-memory --connections 2000 --bin target/debug/wsgate --max-kib 8
 
 fuzz_seconds="${FUZZ_SECONDS:-10}"
 if [ "$fuzz_seconds" != 0 ]; then

@@ -72,6 +72,14 @@ pub fn request_info(request: &Request, ip: IpAddr, sources: &[TokenSource]) -> R
         matches!(name, "authorization" | "cookie" | "proxy-authorization")
             || sources.iter().any(|s| matches!(s, TokenSource::Header(h) if h == name))
     };
+    // The upgrade's own mechanics say nothing a rule could use, and the request is kept for
+    // the connection's life (re-authentication): leave them out.
+    let mechanics = |name: &str| {
+        matches!(
+            name,
+            "connection" | "upgrade" | "sec-websocket-key" | "sec-websocket-version" | "sec-websocket-extensions"
+        )
+    };
     let query = request
         .query_pairs()
         .into_iter()
@@ -81,7 +89,7 @@ pub fn request_info(request: &Request, ip: IpAddr, sources: &[TokenSource]) -> R
     let headers = request
         .headers
         .iter()
-        .filter(|(n, _)| !token_header(n))
+        .filter(|(n, _)| !token_header(n) && !mechanics(n))
         .filter_map(|(n, v)| {
             if n != "sec-websocket-protocol" {
                 return Some((n.clone(), v.clone()));

@@ -31,7 +31,7 @@ use crate::{admin, decisions, handshake};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer per connection. tungstenite's default (128 KiB) would cost that much per idle
 /// connection; messages larger than this still arrive, in several reads.
-pub const READ_BUFFER_BYTES: usize = 4096;
+pub const READ_BUFFER_BYTES: usize = 1024;
 /// How long writing a refusal may take.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 

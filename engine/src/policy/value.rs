@@ -3,7 +3,7 @@
 //! `i64` become `int`; larger ones `uint`; the rest `double`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use cel::Value;
 use cel::objects::{Key, Map};
@@ -28,16 +28,51 @@ pub fn json_to_cel(json: &serde_json::Value) -> Value {
         serde_json::Value::String(s) => Value::String(Arc::new(s.clone())),
         serde_json::Value::Array(items) => Value::List(Arc::new(items.iter().map(json_to_cel).collect())),
         serde_json::Value::Object(fields) => {
-            let map: HashMap<Key, Value> =
-                fields.iter().map(|(k, v)| (Key::String(Arc::new(k.clone())), json_to_cel(v))).collect();
+            let map: HashMap<Key, Value> = fields.iter().map(|(k, v)| (key(k), json_to_cel(v))).collect();
             Value::Map(Map { map: Arc::new(map) })
         }
     }
 }
 
+/// Map keys every connection binds (claims, `conn`, `request`), allocated once and shared:
+/// each connection keeps its claims and `conn` bound for its whole life, and two small
+/// allocations per key add up at tens of thousands of connections.
+const SHARED_KEYS: [&str; 20] = [
+    "sub",
+    "exp",
+    "iat",
+    "nbf",
+    "iss",
+    "aud",
+    "jti",
+    "roles",
+    "scope",
+    "tenant",
+    "team",
+    "id",
+    "user",
+    "ip",
+    "instance",
+    "connected_at",
+    "origin",
+    "path",
+    "query",
+    "headers",
+];
+
+static KEYS: LazyLock<Vec<Arc<String>>> =
+    LazyLock::new(|| SHARED_KEYS.iter().map(|k| Arc::new(k.to_string())).collect());
+
+fn key(name: &str) -> Key {
+    match SHARED_KEYS.iter().position(|k| *k == name) {
+        Some(i) => Key::String(KEYS[i].clone()),
+        None => Key::String(Arc::new(name.to_string())),
+    }
+}
+
 /// A CEL map with string keys, built from pairs.
 pub fn cel_map<'a>(pairs: impl IntoIterator<Item = (&'a str, Value)>) -> Value {
-    let map: HashMap<Key, Value> = pairs.into_iter().map(|(k, v)| (Key::String(Arc::new(k.to_string())), v)).collect();
+    let map: HashMap<Key, Value> = pairs.into_iter().map(|(k, v)| (key(k), v)).collect();
     Value::Map(Map { map: Arc::new(map) })
 }
 
