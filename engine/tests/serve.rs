@@ -121,3 +121,42 @@ async fn dev_mode_prints_a_ready_token_that_connects() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
+    let dir = common::default_policy_dir();
+    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--drain-timeout", "20s"]].concat();
+    let mut child = spawn(serve(&args, Some(common::SECRET)));
+    let (lines, _rest) = first_lines(&mut child, 1);
+    let ws_addr = lines[0].split_whitespace().nth(2).unwrap().strip_prefix("ws=").unwrap().to_string();
+    let token = wsgate::token::mint(
+        common::SECRET.as_bytes(),
+        "alice",
+        Duration::from_secs(600),
+        &[],
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let url = format!("ws://{ws_addr}/ws?token={token}");
+    // A client that does not read: it never answers the 1001, so the drain lasts.
+    let tcp = tokio::net::TcpStream::connect(&ws_addr).await.unwrap();
+    let (lingering, _) = tokio_tungstenite::client_async(url.as_str(), tcp).await.unwrap();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let tcp = tokio::net::TcpStream::connect(&ws_addr).await.unwrap();
+        match tokio_tungstenite::client_async(url.as_str(), tcp).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => break response.status().as_u16(),
+            // Not draining yet: this one was admitted (and replaced the first); try again.
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refused with 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503);
+    drop(lingering);
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
