@@ -101,12 +101,10 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
     if let Some(denial) = denied {
         return Err(Box::new(Refused { refusal: forbidden(&denial), user: scope.user_id().ok(), rule: Some(denial) }));
     }
+    // No user id, no identity: 401, as `wsgate policy test` reports it.
     let user = scope.user_id().map_err(|e| {
         Box::new(Refused {
-            refusal: Refusal::Forbidden {
-                rule: "auth.user_id".into(),
-                reason: "the user id could not be determined".into(),
-            },
+            refusal: Refusal::Unauthorized("the user id could not be determined".into()),
             user: None,
             rule: Some(failed_rule("auth.user_id", &e.0)),
         })
