@@ -64,6 +64,10 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
             Ok(()) => match http::read_body(&mut stream, &request, MAX_BODY_BYTES, REQUEST_TIMEOUT).await {
                 Ok(body) => publish(&gw, &body).await,
                 Err(http::ReadError::TooLarge) => error(413, "bad_request", "body too large"),
+                Err(http::ReadError::LengthRequired) => error(411, "bad_request", "a body needs Content-Length"),
+                Err(http::ReadError::Malformed) => {
+                    error(400, "bad_request", "unreadable Content-Length, or a chunked body (not supported)")
+                }
                 Err(_) => return,
             },
         },

@@ -68,6 +68,9 @@ pub struct Gateway {
     pub reconnects: KeyedWindows<String>,
     /// Live connections per IP, for `connections.max_per_ip`.
     pub per_ip: Arc<IpCounter>,
+    /// Connections per IP still in their handshake (not yet authenticated), capped so one
+    /// address cannot hold every connection slot with sockets that never authenticate.
+    pub handshaking: Arc<IpCounter>,
     /// The lifecycle phase; sessions hold receivers.
     phase: watch::Sender<Phase>,
     /// Next session number.
@@ -88,6 +91,7 @@ impl Gateway {
             sessions: Registry::default(),
             reconnects: KeyedWindows::default(),
             per_ip: Arc::default(),
+            handshaking: Arc::default(),
             phase: watch::channel(Phase::Running).0,
             next_session: AtomicU64::new(1),
         })

@@ -64,8 +64,10 @@ pub enum ReadError {
     TimedOut,
     /// The head exceeds the bounds (431).
     TooLarge,
-    /// Not HTTP/1.1 (400).
+    /// Not HTTP/1.1, or a body that is chunked or has an unreadable length (400).
     Malformed,
+    /// A body without `Content-Length` (411).
+    LengthRequired,
 }
 
 /// Reads one request head within `deadline`.
@@ -84,9 +86,19 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, Read
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(2048);
         }
+        let before = buf.len();
         let n = stream.read_buf(&mut buf).await.map_err(|_| ReadError::Closed)?;
         if n == 0 {
             return Err(ReadError::Closed);
+        }
+        // Parse only once the blank line has arrived: a client sending a byte at a time must
+        // not make every read re-parse everything before it.
+        let from = before.saturating_sub(3);
+        if !buf[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            if buf.len() > MAX_HEAD_BYTES {
+                return Err(ReadError::TooLarge);
+            }
+            continue;
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
@@ -128,8 +140,11 @@ pub async fn read_body<S: AsyncRead + Unpin>(
     max: usize,
     deadline: Duration,
 ) -> Result<Vec<u8>, ReadError> {
+    if request.header("transfer-encoding").is_some() {
+        return Err(ReadError::Malformed);
+    }
     let len: usize = match request.header("content-length") {
-        None => return Ok(request.rest.clone()),
+        None => return Err(ReadError::LengthRequired),
         Some(v) => v.trim().parse().map_err(|_| ReadError::Malformed)?,
     };
     if len > max {
@@ -162,6 +177,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
@@ -272,6 +288,33 @@ mod tests {
         let many: String = (0..100).map(|i| format!("X{i}: y\r\n")).collect();
         client.write_all(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()).await.unwrap();
         assert_eq!(read_request(&mut server, Duration::from_secs(1)).await.unwrap_err(), ReadError::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn bodies_need_a_plain_content_length() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(b"POST /v1/publish HTTP/1.1\r\n\r\n{}").await.unwrap();
+        let r = read_request(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(read_body(&mut server, &r, 100, Duration::from_secs(1)).await, Err(ReadError::LengthRequired));
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").await.unwrap();
+        let r = read_request(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(read_body(&mut server, &r, 100, Duration::from_secs(1)).await, Err(ReadError::Malformed));
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}").await.unwrap();
+        let r = read_request(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(read_body(&mut server, &r, 100, Duration::from_secs(1)).await.unwrap(), b"{}");
+    }
+
+    #[tokio::test]
+    async fn a_head_sent_a_byte_at_a_time_is_read() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let reader = tokio::spawn(async move { read_request(&mut server, Duration::from_secs(5)).await });
+        for b in b"GET /ws HTTP/1.1\r\nHost: h\r\n\r\n" {
+            client.write_all(&[*b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(reader.await.unwrap().unwrap().path, "/ws");
     }
 
     #[test]

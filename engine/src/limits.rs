@@ -103,9 +103,23 @@ pub struct IpSlot {
     ip: IpAddr,
 }
 
+/// The address a limit counts: IPv4-mapped IPv6 as IPv4, other IPv6 by its /64 (one host
+/// commonly holds a whole /64, so counting single addresses would be no limit at all).
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+        v4 => v4,
+    }
+}
+
 impl IpCounter {
-    /// Takes a slot for `ip` if it holds fewer than `max`.
+    /// Takes a slot for `ip` (grouped by [`limit_key`]) if it holds fewer than `max`.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr, max: u64) -> Option<IpSlot> {
+        let ip = limit_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= max {
@@ -118,9 +132,9 @@ impl IpCounter {
         Some(IpSlot { counter: self.clone(), ip })
     }
 
-    /// Live connections of `ip`.
+    /// Live connections of `ip` (grouped by [`limit_key`]).
     pub fn count(&self, ip: IpAddr) -> u64 {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).copied().unwrap_or(0)
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&limit_key(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -229,6 +243,17 @@ mod tests {
         tokio::time::advance(per).await;
         k.sweep(Instant::now(), per);
         assert!(k.is_empty());
+    }
+
+    #[test]
+    fn ipv6_counts_by_prefix_and_mapped_ipv4_as_ipv4() {
+        let c = Arc::new(IpCounter::default());
+        let _a = c.acquire("2001:db8:1:2::1".parse().unwrap(), 2).unwrap();
+        let _b = c.acquire("2001:db8:1:2:ffff::9".parse().unwrap(), 2).unwrap();
+        assert!(c.acquire("2001:db8:1:2::3".parse().unwrap(), 2).is_none(), "same /64");
+        assert!(c.acquire("2001:db8:1:3::1".parse().unwrap(), 2).is_some(), "another /64");
+        let _m = c.acquire("::ffff:10.0.0.1".parse().unwrap(), 2).unwrap();
+        assert_eq!(c.count("10.0.0.1".parse().unwrap()), 1);
     }
 
     #[test]

@@ -146,6 +146,15 @@ impl Pipeline {
         }
     }
 
+    /// A ping from the client: it counts toward the message rate like a message, so a flood of
+    /// control frames is limited too. Over the rate it closes (4029) or counts as invalid.
+    pub fn control_frame(&mut self, now: Instant) -> Option<Decision> {
+        match self.rate_limited(now)? {
+            Decision::Refuse { code, reason, .. } => Some(self.invalid(code, None, reason, None, vec![])),
+            other => Some(other),
+        }
+    }
+
     fn rate_limited(&mut self, now: Instant) -> Option<Decision> {
         let limits = &self.limits;
         self.rate.admit(now, limits.rate_max, limits.rate_per).err()?;

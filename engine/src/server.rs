@@ -23,7 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::close::Refusal;
 use crate::gateway::{Gateway, Phase};
 use crate::http::{self, ReadError};
-use crate::policy::ConnLimits;
+use crate::policy::compile::MAX_RECONNECT_WINDOW;
+use crate::policy::{ConnLimits, Limit};
 use crate::session::{self, Session};
 use crate::{admin, decisions, handshake};
 
@@ -32,6 +33,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer per connection. tungstenite's default (128 KiB) would cost that much per idle
 /// connection; messages larger than this still arrive, in several reads.
 pub const READ_BUFFER_BYTES: usize = 1024;
+/// Connections one address may have in their handshake at once; more are closed unanswered.
+/// Authenticated connections are limited by the policy's `max_per_ip` instead.
+pub const MAX_HANDSHAKING_PER_IP: u64 = 128;
+/// How often emptied reconnect windows are forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How long writing a refusal may take.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,6 +76,7 @@ pub async fn serve(
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let cap = Arc::new(Semaphore::new(options.max_connections));
     let admin = tokio::spawn(admin::serve(listeners.admin, gw.clone()));
+    let sweeper = tokio::spawn(sweep(gw.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -110,7 +117,22 @@ pub async fn serve(
     }
     drop(listeners.ws);
     admin.abort();
+    sweeper.abort();
     Ok(())
+}
+
+/// Forgets reconnect windows that have emptied, so the map holds only recently active users.
+async fn sweep(gw: Arc<Gateway>) {
+    let mut every = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        every.tick().await;
+        // With a CEL window, any user's window may be up to the longest one allowed.
+        let per = match &gw.policy().connections.reconnects.per {
+            Limit::Literal(per) => *per,
+            Limit::Expr { .. } => MAX_RECONNECT_WINDOW,
+        };
+        gw.reconnects.sweep(Instant::now(), per);
+    }
 }
 
 /// Accepts the next connection, backing off on errors (such as running out of file
@@ -146,6 +168,11 @@ async fn handshake<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>) -> Opti
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let Some(_handshaking) = gw.handshaking.acquire(peer.ip(), MAX_HANDSHAKING_PER_IP) else {
+        tracing::debug!(ip = %peer.ip(), "too many handshakes in progress from this address");
+        return None;
+    };
     let mut request = match http::read_request(&mut stream, HANDSHAKE_TIMEOUT).await {
         Ok(r) => r,
         Err(ReadError::TooLarge) => {
@@ -156,7 +183,7 @@ where
             .await;
             return None;
         }
-        Err(ReadError::Malformed) => {
+        Err(ReadError::Malformed | ReadError::LengthRequired) => {
             let refusal = Refusal::BadRequest("malformed HTTP request");
             let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refusal)).await;
             return None;

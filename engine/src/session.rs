@@ -225,6 +225,10 @@ where
     /// The loop: wait for the next event, let its handler decide, then publish, write and
     /// close as it said.
     async fn serve(&mut self) -> Ended {
+        // A session opened just as the drain began has already "seen" the new phase.
+        if *self.phase.borrow() != Phase::Running {
+            return self.close(CloseCode::GoingAway, "server shutting down").await;
+        }
         loop {
             if let Err(ended) = self.flush().await {
                 return ended;
@@ -234,9 +238,11 @@ where
                 biased;
                 control = self.mailbox.recv() => self.on_control(control),
                 changed = self.phase.changed(), if self.phase_open => self.on_phase(changed.is_ok()),
+                // Timers before frames: a client that keeps the socket busy must not keep its
+                // expired token, its re-authentication or its idle timeout from firing.
+                () = sleep_until(deadline) => self.on_timer(),
                 frame = self.ws.next() => self.on_frame(frame),
                 out = self.outbox.recv() => self.on_outbound(out),
-                () = sleep_until(deadline) => self.on_timer(),
             };
             let step = match step {
                 Step::Publish(delivery, id) => self.publish(delivery, id).await,
@@ -294,8 +300,13 @@ where
         match message {
             Message::Text(text) => self.on_data(Frame::Text(&text)),
             Message::Binary(bytes) => self.on_data(Frame::Binary(&bytes)),
-            // tungstenite answers pings itself; pongs only count as liveness.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Step::Continue,
+            // tungstenite answers pings itself, but they count toward the message rate.
+            Message::Ping(_) => match self.pipeline.control_frame(Instant::now()) {
+                None => Step::Continue,
+                Some(decision) => self.apply(decision),
+            },
+            // Pongs only count as liveness.
+            Message::Pong(_) | Message::Frame(_) => Step::Continue,
             Message::Close(frame) => Step::ClientClosed(frame.map(|f| u16::from(f.code))),
         }
     }
@@ -333,7 +344,13 @@ where
     }
 
     fn decide(&mut self, frame: Frame<'_>, now: Instant) -> Step {
-        match self.pipeline.process(frame, now, SystemTime::now()) {
+        let decision = self.pipeline.process(frame, now, SystemTime::now());
+        self.apply(decision)
+    }
+
+    /// Acts on the pipeline's decision.
+    fn apply(&mut self, decision: Decision) -> Step {
+        match decision {
             Decision::Accept { message, audit } => {
                 decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
                 if let Some(Failpoint::PanicOnMessageType(kind)) = self.gw.failpoint()

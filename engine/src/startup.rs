@@ -214,15 +214,21 @@ fn default_instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the future completes on either.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now; the future completes on SIGTERM or
+/// SIGINT.
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGHUP must never take the default action (terminate without draining).
+    let mut hup = signal(SignalKind::hangup())?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => return tracing::info!("SIGTERM received"),
+                _ = int.recv() => return tracing::info!("SIGINT received"),
+                _ = hup.recv() => tracing::warn!("SIGHUP received: live policy reload is not part of this build; nothing reloaded"),
+            }
         }
     })
 }

@@ -416,3 +416,51 @@ async fn a_connection_task_stays_small() {
     let size = std::mem::size_of_val(&task);
     assert!(size <= 1024, "a connection's task is {size} bytes");
 }
+
+#[tokio::test]
+async fn a_ping_flood_counts_toward_the_rate_and_closes() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    // 20 pings per second are fine; beyond that each is invalid, and the 6th invalid closes.
+    for _ in 0..40 {
+        if ws.send(Message::Ping(Default::default())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, Some(1008));
+}
+
+#[tokio::test]
+async fn a_schema_violation_never_echoes_the_value() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    let secret = "SECRET-".repeat(1300);
+    send(&mut ws, json!({"type": "auth", "id": "x", "token": secret})).await;
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused["code"], "schema_violation", "{refused}");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(!reason.contains("SECRET"), "{reason}");
+    assert!(reason.contains("/token"), "the reason says where: {reason}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_address_cannot_hold_more_than_128_unfinished_handshakes() {
+    let gw = gateway(same);
+    let peer: SocketAddr = "192.0.2.7:1".parse().unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..128 {
+        let (client, server) = tokio::io::duplex(1024);
+        tokio::spawn(wsgate::server::handle(server, peer, gw.clone()));
+        stalled.push(client);
+    }
+    wait_for(|| gw.handshaking.count(peer.ip()) == 128).await;
+    let (mut refused, server) = tokio::io::duplex(1024);
+    wsgate::server::handle(server, peer, gw.clone()).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::io::AsyncReadExt::read(&mut refused, &mut buf).await.unwrap();
+    assert_eq!(n, 0, "closed without an answer");
+    // Other addresses are not affected, and the stalled ones are dropped after 10 s.
+    let _other = connect(&gw, &token("bob", HOUR, &[])).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(gw.handshaking.count(peer.ip()), 0);
+}

@@ -58,6 +58,9 @@ fn plaintext_on_a_public_address_exits_64_unless_allowed() {
     let mut child = spawn(serve(&[&args[..], &["--allow-plaintext"]].concat(), Some(common::SECRET)));
     let (line, _) = first_lines(&mut child, 1);
     assert!(line[0].starts_with("wsgate listening ws=0.0.0.0:"), "{line:?}");
+    // SIGHUP never terminates the server: the following SIGTERM still drains and exits 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     stop(child);
 }
 

@@ -50,6 +50,8 @@ pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
 pub const MAX_MESSAGE_BYTES: u64 = 16 * 1024 * 1024;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
+/// The longest `connections.reconnects.per`.
+pub const MAX_RECONNECT_WINDOW: Duration = Duration::from_secs(86_400);
 const MILLIS: fn(u64) -> Duration = Duration::from_millis;
 
 /// What compiling needs from outside the policy directory.
@@ -558,8 +560,13 @@ impl<'a> Compiler<'a> {
     fn connections(&mut self, file: &str, c: &ConnectionsSection) -> Option<ConnectionPolicy> {
         let max_per_user = self.count(file, "connections.max_per_user", &c.max_per_user, LIMIT_VARS, 1..=1000);
         let max_per_ip = self.count(file, "connections.max_per_ip", &c.max_per_ip, LIMIT_VARS, 1..=1_000_000);
-        let reconnects =
-            self.window(file, "connections.reconnects", &c.reconnects.value, LIMIT_VARS, SECS(1)..=SECS(86_400));
+        let reconnects = self.window(
+            file,
+            "connections.reconnects",
+            &c.reconnects.value,
+            LIMIT_VARS,
+            SECS(1)..=MAX_RECONNECT_WINDOW,
+        );
         let hb = &c.heartbeat.value;
         let interval =
             self.duration(file, "connections.heartbeat.interval", &hb.interval, LIMIT_VARS, SECS(1)..=SECS(3600));

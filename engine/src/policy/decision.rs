@@ -412,11 +412,18 @@ impl ConnContext {
             return invalid(ErrorCode::UnknownType, "unknown message type".into());
         };
         if !t.schema.is_valid(message) {
+            // The reason names where and which keyword, never the offending value: a value can
+            // be a secret (an `auth` message's token) and this text is logged and sent back.
             let detail = t
                 .schema
                 .iter_errors(message)
                 .next()
-                .map(|e| format!("{} at {}", e, e.instance_path()))
+                .map(|e| {
+                    let schema_path = e.schema_path().to_string();
+                    let keyword = schema_path.rsplit('/').next().unwrap_or_default().to_string();
+                    let at = e.instance_path().to_string();
+                    format!("does not match the schema: `{keyword}` at `{}`", if at.is_empty() { "/" } else { &at })
+                })
                 .unwrap_or_default();
             return invalid(ErrorCode::SchemaViolation, truncate(&detail, MAX_REASON_LEN));
         }
