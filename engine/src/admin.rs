@@ -55,6 +55,12 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
     let Ok(request) = http::read_request(&mut stream, REQUEST_TIMEOUT).await else { return };
     let reply = match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/healthz") => reply(200, json!({"status": "ok"})),
+        ("GET", "/metrics") => {
+            let text = gw.metrics.render();
+            let content_type = "text/plain; version=0.0.4; charset=utf-8";
+            let _ = http::write_response(&mut stream, 200, content_type, &[], text.as_bytes()).await;
+            return;
+        }
         ("GET", "/readyz") => match gw.phase() {
             Phase::Running => reply(200, json!({"status": "ready"})),
             Phase::Draining => reply(503, json!({"status": "draining"})),
@@ -71,7 +77,9 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
                 Err(_) => return,
             },
         },
-        (_, "/healthz" | "/readyz" | "/v1/publish") => error(405, "method_not_allowed", "method not allowed"),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish") => {
+            error(405, "method_not_allowed", "method not allowed")
+        }
         _ => error(404, "not_found", "no such path"),
     };
     let body = reply.body.to_string();

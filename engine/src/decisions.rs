@@ -4,12 +4,15 @@
 //! `session`, `status` or `code`, `reason`, and `error` when a rule failed closed.
 //!
 //! Nothing here ever receives a token, a secret or a query string: callers pass decisions,
-//! not requests.
+//! not requests. Each decision is also counted here (`wsgate_policy_decisions_total`,
+//! `wsgate_handshakes_total`, `wsgate_messages_rejected_total`), so the log and the metrics
+//! cannot disagree.
 
 use std::net::IpAddr;
 
 use crate::close::{CloseCode, ErrorCode};
 use crate::handshake::Refused;
+use crate::metrics::Metrics;
 use crate::policy::RuleMode;
 use crate::policy::decision::Denial;
 
@@ -24,8 +27,12 @@ fn mode(d: Option<&Denial>) -> &'static str {
 }
 
 /// A refused handshake.
-pub fn handshake_refused(refused: &Refused, ip: IpAddr) {
+pub fn handshake_refused(metrics: &Metrics, refused: &Refused, ip: IpAddr) {
     let rule = refused.rule.as_ref();
+    metrics.handshake(refused.refusal.error());
+    if let Some(r) = rule {
+        metrics.decision(&r.rule, r.mode == RuleMode::Audit, "deny");
+    }
     tracing::info!(
         target: TARGET,
         kind = "handshake",
@@ -42,8 +49,9 @@ pub fn handshake_refused(refused: &Refused, ip: IpAddr) {
 }
 
 /// Audit-mode rules that would have refused a handshake or message that went through.
-pub fn would_deny(kind: &'static str, audit: &[Denial], user: &str, ip: IpAddr, session: &str) {
+pub fn would_deny(metrics: &Metrics, kind: &'static str, audit: &[Denial], user: &str, ip: IpAddr, session: &str) {
     for d in audit {
+        metrics.decision(&d.rule, true, "would_deny");
         tracing::info!(
             target: TARGET,
             kind,
@@ -62,6 +70,7 @@ pub fn would_deny(kind: &'static str, audit: &[Denial], user: &str, ip: IpAddr, 
 
 /// A refused message (error frame) or a message that closed its connection.
 pub fn message_refused(
+    metrics: &Metrics,
     code: Result<ErrorCode, CloseCode>,
     rule: Option<&Denial>,
     reason: &str,
@@ -69,6 +78,10 @@ pub fn message_refused(
     ip: IpAddr,
     session: &str,
 ) {
+    metrics.rejected(code);
+    if let Some(r) = rule {
+        metrics.decision(&r.rule, false, "deny");
+    }
     let (code_name, close) = match code {
         Ok(c) => (c.as_str(), 0),
         Err(c) => ("close", c.code()),

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
 use crate::limits::{IpCounter, KeyedWindows};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::Registry;
 
@@ -56,6 +57,8 @@ pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     /// Instance settings.
     pub options: GatewayOptions,
+    /// Every metric (SPEC §8).
+    pub metrics: Arc<Metrics>,
     /// Local channel subscriptions.
     pub hub: Arc<Hub>,
     /// Carries publishes to every instance (embedded: just this one).
@@ -80,11 +83,14 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway serving `policy` with the embedded broker.
     pub fn new(policy: Arc<Policy>, options: GatewayOptions) -> Arc<Gateway> {
-        let hub = Arc::new(Hub::default());
+        let metrics = Arc::new(Metrics::default());
+        metrics.policy_generation.store(policy.generation, std::sync::atomic::Ordering::Relaxed);
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
         let backplane = Arc::new(LocalBackplane::new(hub.clone()));
         Arc::new(Gateway {
             policy: RwLock::new(policy),
             options,
+            metrics,
             hub,
             backplane,
             ids: MessageIds::new(),

@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod handshake;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod server;

@@ -190,19 +190,27 @@ where
         }
         Err(ReadError::Closed | ReadError::TimedOut) => return None,
     };
-    let admitted = match handshake::check(&gw, &request, peer, Instant::now()) {
+    let started = Instant::now();
+    let admitted = match handshake::check(&gw, &request, peer, started) {
         Ok(admitted) => admitted,
         Err(refused) => {
             if refused.refusal == Refusal::NotFound {
+                gw.metrics.handshake(refused.refusal.error());
                 tracing::debug!(ip = %peer.ip(), "no such path");
             } else {
-                decisions::handshake_refused(&refused, peer.ip());
+                decisions::handshake_refused(&gw.metrics, &refused, peer.ip());
             }
             let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refused.refusal)).await;
+            gw.metrics.handshake_duration.observe(started.elapsed());
             return None;
         }
     };
-    handshake::accept(&mut stream, &admitted).await.ok()?;
+    if handshake::accept(&mut stream, &admitted).await.is_err() {
+        gw.metrics.handshake("aborted");
+        return None;
+    }
+    gw.metrics.handshake("accepted");
+    gw.metrics.handshake_duration.observe(started.elapsed());
     let config = ws_config(&admitted.limits);
     // Frames the client sent right after its request; the rest of the request is freed.
     let early = std::mem::take(&mut request.rest);

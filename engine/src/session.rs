@@ -152,7 +152,7 @@ where
     let id = gw.next_session_id();
     let name = format!("{}.{id}", gw.options.instance_id);
     let ip = request.ip;
-    decisions::would_deny("handshake", &audit, &user, ip, &name);
+    decisions::would_deny(&gw.metrics, "handshake", &audit, &user, ip, &name);
     let connected_at = SystemTime::now();
     let conn =
         ConnInfo { id: name.clone(), user: user.clone(), ip, instance: gw.options.instance_id.clone(), connected_at };
@@ -195,6 +195,7 @@ where
         _ip_slot: ip_slot,
     });
     let replaced = gw.sessions.register(&session.user, id, session.mailbox.clone(), max_per_user);
+    gw.metrics.connections_active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(session = %session.name, user = %session.user, ip = %ip, replaced, "connection opened");
     session.subscribe("alerts");
     let own = format!("user:{}", session.user);
@@ -218,6 +219,13 @@ where
     pub async fn run(mut self: Box<Self>) -> Ended {
         let ended = self.serve().await;
         let lived = self.connected_at.elapsed().unwrap_or_default();
+        let metrics = &self.gw.metrics;
+        metrics.connection_duration.observe(lived);
+        metrics.closed(match &ended {
+            Ended::Closed(code, _) => code.code(),
+            Ended::ClientClosed(code) => code.unwrap_or(1005),
+            Ended::Dropped(_) => 0,
+        });
         tracing::info!(session = %self.name, user = %self.user, ended = ?ended, seconds = lived.as_secs_f64(), "connection closed");
         ended
     }
@@ -316,7 +324,15 @@ where
             WsError::Capacity(_) => {
                 let max = self.pipeline.limits.max_bytes;
                 let reason = format!("message larger than {max} bytes");
-                decisions::message_refused(Err(CloseCode::TooBig), None, &reason, &self.user, self.ip, &self.name);
+                decisions::message_refused(
+                    &self.gw.metrics,
+                    Err(CloseCode::TooBig),
+                    None,
+                    &reason,
+                    &self.user,
+                    self.ip,
+                    &self.name,
+                );
                 Step::Close(CloseCode::TooBig, reason)
             }
             WsError::Utf8(_) => Step::Close(CloseCode::InvalidPayload, "text frame is not UTF-8".into()),
@@ -334,7 +350,10 @@ where
     fn on_data(&mut self, frame: Frame<'_>) -> Step {
         let now = Instant::now();
         self.timers.idle = now + self.pipeline.limits.idle_timeout;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.decide(frame, now))) {
+        self.gw.metrics.messages_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| self.decide(frame, now)));
+        self.gw.metrics.pipeline_duration.observe(now.elapsed());
+        match decided {
             Ok(step) => step,
             Err(_) => {
                 tracing::error!(session = %self.name, "internal error while handling a message");
@@ -352,7 +371,7 @@ where
     fn apply(&mut self, decision: Decision) -> Step {
         match decision {
             Decision::Accept { message, audit } => {
-                decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
+                decisions::would_deny(&self.gw.metrics, "message", &audit, &self.user, self.ip, &self.name);
                 if let Some(Failpoint::PanicOnMessageType(kind)) = self.gw.failpoint()
                     && message.get("type").and_then(Value::as_str) == Some(kind.as_str())
                 {
@@ -362,13 +381,29 @@ where
             }
             Decision::Ignore => Step::Continue,
             Decision::Refuse { code, id, reason, rule, audit } => {
-                decisions::would_deny("message", &audit, &self.user, self.ip, &self.name);
-                decisions::message_refused(Ok(code), rule.as_ref(), &reason, &self.user, self.ip, &self.name);
+                decisions::would_deny(&self.gw.metrics, "message", &audit, &self.user, self.ip, &self.name);
+                decisions::message_refused(
+                    &self.gw.metrics,
+                    Ok(code),
+                    rule.as_ref(),
+                    &reason,
+                    &self.user,
+                    self.ip,
+                    &self.name,
+                );
                 self.queue_error(id.as_deref(), code, &reason);
                 Step::Continue
             }
             Decision::Close { code, reason, rule } => {
-                decisions::message_refused(Err(code), rule.as_ref(), &reason, &self.user, self.ip, &self.name);
+                decisions::message_refused(
+                    &self.gw.metrics,
+                    Err(code),
+                    rule.as_ref(),
+                    &reason,
+                    &self.user,
+                    self.ip,
+                    &self.name,
+                );
                 Step::Close(code, reason)
             }
         }
@@ -440,7 +475,15 @@ where
                 self.queue_ok(id);
             }
             Err((_, reason)) => {
-                decisions::message_refused(Ok(ErrorCode::Forbidden), None, &reason, &self.user, self.ip, &self.name);
+                decisions::message_refused(
+                    &self.gw.metrics,
+                    Ok(ErrorCode::Forbidden),
+                    None,
+                    &reason,
+                    &self.user,
+                    self.ip,
+                    &self.name,
+                );
                 self.queue_error(id, ErrorCode::Forbidden, &reason);
             }
         }
@@ -456,7 +499,7 @@ where
             Err(_) => return Err((CloseCode::TokenExpired, "the user id could not be determined".into())),
         }
         let verdict = scope.connect_rules();
-        decisions::would_deny("reauth", &verdict.audit, &self.user, self.ip, &self.name);
+        decisions::would_deny(&self.gw.metrics, "reauth", &verdict.audit, &self.user, self.ip, &self.name);
         if let Some(denial) = verdict.denied {
             return Err((CloseCode::Revoked, denial.reason.to_string()));
         }
@@ -597,6 +640,7 @@ where
 
 impl<S> Drop for Session<S> {
     fn drop(&mut self) {
+        self.gw.metrics.connections_active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.gw.sessions.deregister(&self.user, self.id);
         for channel in self.gw.hub.unsubscribe_all(self.channels.iter().map(|c| &**c), self.id) {
             self.gw.backplane.interest(&channel, false);

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// A session's id, unique within the process.
@@ -124,6 +126,8 @@ impl Outbox {
 #[derive(Debug, Default)]
 pub struct Hub {
     channels: Mutex<HashMap<Arc<str>, HashMap<SessionId, Outbox>>>,
+    /// Counts deliveries and drops.
+    metrics: Arc<Metrics>,
 }
 
 /// What a delivery reached.
@@ -136,6 +140,11 @@ pub struct Fanout {
 }
 
 impl Hub {
+    /// A hub counting into `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Hub {
+        Hub { channels: Mutex::default(), metrics }
+    }
+
     /// Subscribes a session. Returns true when this is the channel's first local subscriber
     /// (a backplane then starts listening for it).
     pub fn subscribe(&self, channel: &str, session: SessionId, outbox: &Outbox) -> bool {
@@ -183,6 +192,8 @@ impl Hub {
                 fanout.dropped += 1;
             }
         }
+        self.metrics.messages_delivered.fetch_add(fanout.delivered as u64, Ordering::Relaxed);
+        self.metrics.outbound_dropped.fetch_add(fanout.dropped as u64, Ordering::Relaxed);
         fanout
     }
 
