@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use crate::broker::Delivery;
+use crate::close::CloseCode;
 use crate::gateway::{Gateway, Phase};
 use crate::http::{self, Request};
 
@@ -65,10 +66,16 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
             Phase::Running => reply(200, json!({"status": "ready"})),
             Phase::Draining => reply(503, json!({"status": "draining"})),
         },
-        ("POST", "/v1/publish") => match authorize(&gw, &request) {
+        ("GET", "/v1/policy") => policy(&gw),
+        ("POST", "/v1/policy/reload") => match authorize(&gw, &request) {
+            Err(r) => r,
+            Ok(()) => error(501, "not_implemented", "live policy reload is not part of this build yet"),
+        },
+        ("POST", path @ ("/v1/publish" | "/v1/disconnect")) => match authorize(&gw, &request) {
             Err(r) => r,
             Ok(()) => match http::read_body(&mut stream, &request, MAX_BODY_BYTES, REQUEST_TIMEOUT).await {
-                Ok(body) => publish(&gw, &body).await,
+                Ok(body) if path == "/v1/publish" => publish(&gw, &body).await,
+                Ok(body) => disconnect(&gw, &body),
                 Err(http::ReadError::TooLarge) => error(413, "bad_request", "body too large"),
                 Err(http::ReadError::LengthRequired) => error(411, "bad_request", "a body needs Content-Length"),
                 Err(http::ReadError::Malformed) => {
@@ -77,9 +84,10 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
                 Err(_) => return,
             },
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish") => {
-            error(405, "method_not_allowed", "method not allowed")
-        }
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/v1/publish" | "/v1/disconnect" | "/v1/policy" | "/v1/policy/reload",
+        ) => error(405, "method_not_allowed", "method not allowed"),
         _ => error(404, "not_found", "no such path"),
     };
     let body = reply.body.to_string();
@@ -132,6 +140,53 @@ async fn publish(gw: &Gateway, body: &[u8]) -> Reply {
             error(503, "unavailable", "publish failed")
         }
     }
+}
+
+/// `GET /v1/policy`: what is being enforced.
+fn policy(gw: &Gateway) -> Reply {
+    let p = gw.policy();
+    let loaded_at: chrono::DateTime<chrono::Utc> = p.loaded_at.into();
+    reply(
+        200,
+        json!({
+            "generation": p.generation,
+            "content_hash": p.content_hash,
+            "loaded_at": loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "sources": p.sources,
+            "last_error": null,
+            "last_error_at": null,
+        }),
+    )
+}
+
+/// `POST /v1/disconnect {"user": "...", "reason": "logout", "revoke_tokens": true}`: closes the
+/// user's connections with 4010; with `revoke_tokens`, the user's tokens issued until now are
+/// refused (see [`crate::auth::Revocations`]).
+fn disconnect(gw: &Gateway, body: &[u8]) -> Reply {
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(400, "bad_request", &format!("body is not JSON: {e}")),
+    };
+    let Some(user) = parsed.get("user").and_then(Value::as_str).filter(|u| !u.is_empty()) else {
+        return error(400, "bad_request", "`user` must be a non-empty string");
+    };
+    let reason = match parsed.get("reason") {
+        None => "logged out",
+        Some(Value::String(r)) if r.len() <= 100 && !r.chars().any(char::is_control) => r.as_str(),
+        Some(_) => return error(400, "bad_request", "`reason` must be a string of at most 100 bytes"),
+    };
+    let revoke = match parsed.get("revoke_tokens") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return error(400, "bad_request", "`revoke_tokens` must be true or false"),
+    };
+    // Revoke first: a client reconnecting right after the close must already be refused.
+    if revoke {
+        gw.revocations.revoke(user, std::time::SystemTime::now());
+    }
+    let closed = gw.sessions.close_user(user, CloseCode::LoggedOut, reason);
+    tracing::info!(target: crate::decisions::TARGET, kind = "admin", outcome = "disconnect", user, closed, revoke, "user disconnected");
+    reply(200, json!({"user": user, "closed": closed, "revoked": revoke}))
 }
 
 #[cfg(test)]

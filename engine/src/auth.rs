@@ -6,7 +6,9 @@
 //! parameter, `Authorization`, `Cookie`, any header named as a source, and `bearer.*`
 //! subprotocols) before the request becomes `request` in connect rules.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::http::Request;
@@ -115,6 +117,50 @@ pub fn expiry(claims: &serde_json::Value, leeway: Duration) -> Option<SystemTime
     UNIX_EPOCH.checked_add(Duration::from_secs(secs))?.checked_add(leeway)
 }
 
+/// Revoked tokens, by user: `POST /v1/disconnect` with `revoke_tokens` refuses every token of
+/// that user issued before the call.
+///
+/// `iat` has whole seconds, so "before the call" cannot be told apart from "in the same second
+/// after it": every token whose `iat` falls in or before the second of the revocation is
+/// refused, and so is a token without `iat`. A client must get a new token at least a second
+/// after a revocation. A revocation is kept for `ttl` (the longest token lifetime the operator
+/// issues), after which every token it refused has expired anyway.
+#[derive(Debug)]
+pub struct Revocations {
+    /// User → (revoked at, forget after).
+    users: Mutex<HashMap<String, (SystemTime, SystemTime)>>,
+    /// How long a revocation lasts.
+    ttl: Duration,
+}
+
+impl Revocations {
+    /// Revocations that last `ttl`.
+    pub fn new(ttl: Duration) -> Revocations {
+        Revocations { users: Mutex::default(), ttl }
+    }
+
+    /// Revokes every token of `user` issued up to `at`.
+    pub fn revoke(&self, user: &str, at: SystemTime) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.retain(|_, (_, until)| *until > at);
+        users.insert(user.to_string(), (at, at + self.ttl));
+    }
+
+    /// Whether `claims` (of `user`) were issued before a revocation still in force at `now`.
+    pub fn is_revoked(&self, user: &str, claims: &serde_json::Value, now: SystemTime) -> bool {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((at, until)) = users.get(user) else { return false };
+        if now >= *until {
+            return false;
+        }
+        let revoked_second = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        match claims.get("iat").and_then(serde_json::Value::as_f64) {
+            Some(iat) if iat >= 0.0 => (iat.floor() as u64) <= revoked_second,
+            _ => true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +231,21 @@ mod tests {
         assert_eq!(info.query, vec![("room".to_string(), "7".to_string())]);
         assert!(info.headers.contains(&("sec-websocket-protocol".into(), "wsgate.v1".into())));
         assert!(info.headers.contains(&("user-agent".into(), "t".into())));
+    }
+
+    #[test]
+    fn revocation_covers_the_whole_second_and_tokens_without_iat() {
+        let r = Revocations::new(Duration::from_secs(3600));
+        let at = UNIX_EPOCH + Duration::from_millis(100_700);
+        r.revoke("alice", at);
+        let now = at + Duration::from_secs(1);
+        let iat = |secs: f64| serde_json::json!({"iat": secs});
+        assert!(r.is_revoked("alice", &iat(99.0), now));
+        assert!(r.is_revoked("alice", &iat(100.0), now), "minted in the same second, before the call");
+        assert!(!r.is_revoked("alice", &iat(101.0), now));
+        assert!(r.is_revoked("alice", &serde_json::json!({}), now), "no iat: refused");
+        assert!(!r.is_revoked("bob", &iat(50.0), now));
+        assert!(!r.is_revoked("alice", &iat(50.0), at + Duration::from_secs(3601)), "expired revocation");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
+use crate::auth::Revocations;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
 use crate::limits::{IpCounter, KeyedWindows};
@@ -32,7 +33,24 @@ pub struct GatewayOptions {
     pub admin_token: Option<String>,
     /// Test-only fault injection, honoured in debug builds only (see [`Failpoint`]).
     pub failpoint: Option<Failpoint>,
+    /// How long a token revocation lasts: the longest lifetime of the tokens in use.
+    pub revocation_ttl: std::time::Duration,
 }
+
+impl GatewayOptions {
+    /// Options for an instance named `instance_id`, everything else default.
+    pub fn new(instance_id: &str) -> GatewayOptions {
+        GatewayOptions {
+            instance_id: instance_id.to_string(),
+            admin_token: None,
+            failpoint: None,
+            revocation_ttl: DEFAULT_REVOCATION_TTL,
+        }
+    }
+}
+
+/// How long revocations last unless configured: one day.
+pub const DEFAULT_REVOCATION_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// A deliberate fault, so tests can show how the server contains its own failures. Read from
 /// `WSGATE_FAILPOINT` by debug builds only; release builds ignore it.
@@ -67,6 +85,8 @@ pub struct Gateway {
     pub ids: MessageIds,
     /// Live sessions by user: max per user, logout.
     pub sessions: Registry,
+    /// Revoked tokens by user.
+    pub revocations: Revocations,
     /// Handshakes per user, for `connections.reconnects`.
     pub reconnects: KeyedWindows<String>,
     /// Live connections per IP, for `connections.max_per_ip`.
@@ -89,16 +109,17 @@ impl Gateway {
         let backplane = Arc::new(LocalBackplane::new(hub.clone()));
         Arc::new(Gateway {
             policy: RwLock::new(policy),
-            options,
             metrics,
             hub,
             backplane,
             ids: MessageIds::new(),
             sessions: Registry::default(),
+            revocations: Revocations::new(options.revocation_ttl),
             reconnects: KeyedWindows::default(),
             per_ip: Arc::default(),
             handshaking: Arc::default(),
             phase: watch::channel(Phase::Running).0,
+            options,
             next_session: AtomicU64::new(1),
         })
     }

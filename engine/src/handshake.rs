@@ -109,6 +109,13 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
             rule: Some(failed_rule("auth.user_id", &e.0)),
         })
     })?;
+    if gw.revocations.is_revoked(&user, &claims, SystemTime::now()) {
+        return Err(Box::new(Refused {
+            refusal: Refusal::Unauthorized("token revoked".into()),
+            user: Some(user),
+            rule: None,
+        }));
+    }
     let limits = scope.limits().map_err(|e| {
         Box::new(Refused {
             refusal: Refusal::Forbidden {

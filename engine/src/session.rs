@@ -498,6 +498,9 @@ where
             Ok(_) => return Err((CloseCode::TokenExpired, "the token is for another user".into())),
             Err(_) => return Err((CloseCode::TokenExpired, "the user id could not be determined".into())),
         }
+        if self.gw.revocations.is_revoked(&self.user, &claims, SystemTime::now()) {
+            return Err((CloseCode::Revoked, "token revoked".into()));
+        }
         let verdict = scope.connect_rules();
         decisions::would_deny(&self.gw.metrics, "reauth", &verdict.audit, &self.user, self.ip, &self.name);
         if let Some(denial) = verdict.denied {

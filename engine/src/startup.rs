@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// How long shutdown waits for clients' close handshakes.
     #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
     pub drain_timeout: Duration,
+    /// How long a token revocation (`/v1/disconnect` with `revoke_tokens`) lasts: set it to the
+    /// longest lifetime of the tokens you issue.
+    #[arg(long, env = "WSGATE_REVOCATION_TTL", default_value = "24h", value_parser = parse_ttl)]
+    pub revocation_ttl: Duration,
     /// Most connections held at once.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
@@ -136,6 +140,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         instance_id: args.instance_id.clone().unwrap_or_else(default_instance_id),
         admin_token: process_env("WSGATE_ADMIN_TOKEN").filter(|t| !t.is_empty()),
         failpoint,
+        revocation_ttl: args.revocation_ttl,
     };
     if gateway_options.admin_token.is_none() {
         tracing::info!("WSGATE_ADMIN_TOKEN is not set: state-changing admin calls answer 403");

@@ -40,7 +40,7 @@ fn gateway(edit: impl Fn(String) -> String) -> Arc<Gateway> {
 }
 
 fn gateway_with(edit: impl Fn(String) -> String, failpoint: Option<Failpoint>) -> Arc<Gateway> {
-    Gateway::new(policy(edit), GatewayOptions { instance_id: "test".into(), admin_token: None, failpoint })
+    Gateway::new(policy(edit), GatewayOptions { failpoint, ..GatewayOptions::new("test") })
 }
 
 fn same(s: String) -> String {
