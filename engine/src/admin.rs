@@ -65,6 +65,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
         ("GET", "/readyz") => match gw.phase() {
             Phase::Running => reply(200, json!({"status": "ready"})),
             Phase::Draining => reply(503, json!({"status": "draining"})),
+            Phase::Closed => reply(503, json!({"status": "closed"})),
         },
         ("GET", "/v1/policy") => policy(&gw),
         ("POST", "/v1/policy/reload") => match authorize(&gw, &request) {

@@ -15,13 +15,17 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::Registry;
 
-/// Where the server is in its life. Connections watch it: leaving `Running` closes them.
+/// Where the server is in its life: running → draining → closed, never back. Connections watch
+/// it: leaving `Running` closes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Accepting and serving.
     Running,
-    /// Shutting down: new handshakes get 503, every client is sent 1001.
+    /// Shutting down: new handshakes get 503, every client is sent 1001, and the server waits
+    /// (up to the drain timeout) for their close handshakes.
     Draining,
+    /// The drain is over: what is left is dropped and the process exits.
+    Closed,
 }
 
 /// Settings of an instance that do not come from the policy.

@@ -116,6 +116,7 @@ pub async fn serve(
         }
     }
     drop(listeners.ws);
+    gw.set_phase(Phase::Closed);
     admin.abort();
     sweeper.abort();
     Ok(())

@@ -219,21 +219,42 @@ fn default_instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Installs the SIGTERM, SIGINT and SIGHUP handlers now; the future completes on SIGTERM or
-/// SIGINT.
+/// Exit status when a second signal cuts the drain short (128 + SIGINT, as shells report).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers now. The returned future completes on the
+/// first SIGTERM or SIGINT (the drain starts); a second one exits at once. SIGHUP never takes
+/// its default action (terminating without a drain).
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // SIGHUP must never take the default action (terminate without draining).
     let mut hup = signal(SignalKind::hangup())?;
-    Ok(async move {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut first = Some(first_tx);
         loop {
-            tokio::select! {
-                _ = term.recv() => return tracing::info!("SIGTERM received"),
-                _ = int.recv() => return tracing::info!("SIGINT received"),
-                _ = hup.recv() => tracing::warn!("SIGHUP received: live policy reload is not part of this build; nothing reloaded"),
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP received: live policy reload is not part of this build; nothing reloaded");
+                    continue;
+                }
+            };
+            match first.take() {
+                Some(tx) => {
+                    tracing::info!(signal = name, "shutting down gracefully; a second signal exits at once");
+                    let _ = tx.send(());
+                }
+                None => {
+                    tracing::warn!(signal = name, "second signal: exiting now, without waiting for the drain");
+                    std::process::exit(EXIT_INTERRUPTED);
+                }
             }
         }
+    });
+    Ok(async move {
+        let _ = first_rx.await;
     })
 }

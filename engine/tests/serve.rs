@@ -163,3 +163,44 @@ async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
     let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
+    let dir = common::default_policy_dir();
+    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--drain-timeout", "60s"]].concat();
+    let mut child = spawn(serve(&args, Some(common::SECRET)));
+    let (lines, _rest) = first_lines(&mut child, 1);
+    let ws_addr = lines[0].split_whitespace().nth(2).unwrap().strip_prefix("ws=").unwrap().to_string();
+    let token = wsgate::token::mint(
+        common::SECRET.as_bytes(),
+        "alice",
+        Duration::from_secs(600),
+        &[],
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    // A client that never answers the 1001 would hold the drain for its whole timeout.
+    let tcp = tokio::net::TcpStream::connect(&ws_addr).await.unwrap();
+    let (_lingering, _) =
+        tokio_tungstenite::client_async(format!("ws://{ws_addr}/ws?token={token}"), tcp).await.unwrap();
+    let pid = child.id().to_string();
+    let started = tokio::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // Wait until the first signal has been taken (the admin listener reports draining).
+    let admin = lines[0].split_whitespace().nth(3).unwrap().strip_prefix("admin=").unwrap().to_string();
+    loop {
+        let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer).await.unwrap();
+        if answer.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never draining");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(wsgate::startup::EXIT_INTERRUPTED));
+    assert!(started.elapsed() < Duration::from_secs(10), "exited at once, not after the 60 s drain");
+}
