@@ -24,6 +24,7 @@ pub mod server;
 pub mod session;
 pub mod sessions;
 pub mod startup;
+pub mod tls;
 pub mod token;
 
 pub use gateway::{Gateway, GatewayOptions};

@@ -110,6 +110,8 @@ pub struct Metrics {
     pub connection_spike: AtomicU64,
     /// `wsgate_redis_up`: 1 while Redis is reachable (0 without Redis configured).
     pub redis_up: AtomicU64,
+    /// `wsgate_tls_handshake_failures_total`.
+    pub tls_failures: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -131,12 +133,14 @@ impl Default for Metrics {
             policy_generation: AtomicU64::new(0),
             connection_spike: AtomicU64::new(0),
             redis_up: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
         }
     }
 }
 
 /// The names, so dashboards and alerts can be checked against them.
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
+    "wsgate_tls_handshake_failures_total",
     "wsgate_connections_active",
     "wsgate_handshakes_total",
     "wsgate_messages_received_total",
@@ -238,6 +242,8 @@ impl Metrics {
                 "wsgate_policy_decisions_total{{rule=\"{rule}\",mode=\"{mode}\",outcome=\"{outcome}\"}} {n}"
             );
         }
+        counter_head(&mut out, "wsgate_tls_handshake_failures_total", "TLS handshakes that failed.");
+        let _ = writeln!(out, "wsgate_tls_handshake_failures_total {}", load(&self.tls_failures));
         counter_head(&mut out, "wsgate_policy_reloads_total", "Policy reloads by outcome.");
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"ok\"}} {}", load(&self.reloads_ok));
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"error\"}} {}", load(&self.reloads_error));

@@ -26,6 +26,7 @@ use crate::http::{self, ReadError};
 use crate::policy::compile::MAX_RECONNECT_WINDOW;
 use crate::policy::{ConnLimits, Limit};
 use crate::session::{self, Session};
+use crate::tls::Tls;
 use crate::{admin, decisions, handshake};
 
 /// A client must send its whole upgrade request within this time.
@@ -57,11 +58,13 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long shutdown waits for clients to finish their close handshakes.
     pub drain_timeout: Duration,
+    /// TLS for the public listener (`wss://`); `None` serves plaintext.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { max_connections: 50_000, drain_timeout: Duration::from_secs(10) }
+        ServeOptions { max_connections: 50_000, drain_timeout: Duration::from_secs(10), tls: None }
     }
 }
 
@@ -89,9 +92,13 @@ pub async fn serve(
         };
         let gw = gw.clone();
         let done = done_tx.clone();
+        let tls = options.tls.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            handle(stream, peer, gw).await;
+            match tls {
+                None => handle(stream, peer, gw).await,
+                Some(tls) => handle_tls(stream, peer, gw, &tls).await,
+            }
             drop(permit);
             drop(done);
         });
@@ -111,7 +118,13 @@ pub async fn serve(
                 break;
             }
             (stream, peer) = accept(&listeners.ws) => {
-                tokio::spawn(handle(stream, peer, gw.clone()));
+                let (gw, tls) = (gw.clone(), options.tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => handle(stream, peer, gw).await,
+                        Some(tls) => handle_tls(stream, peer, gw, &tls).await,
+                    }
+                });
             }
         }
     }
@@ -148,6 +161,22 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// One accepted connection on a TLS listener: the TLS handshake (bounded by the same deadline
+/// as the request), then [`handle`]. A failed TLS handshake is counted and logged, nothing more.
+pub async fn handle_tls(stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, tls: &Tls) {
+    match timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => handle(stream, peer, gw).await,
+        Ok(Err(e)) => {
+            gw.metrics.tls_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(ip = %peer.ip(), error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            gw.metrics.tls_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(ip = %peer.ip(), "TLS handshake timed out");
         }
     }
 }

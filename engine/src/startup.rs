@@ -17,6 +17,7 @@ use crate::gateway::{Failpoint, Gateway, GatewayOptions};
 use crate::policy::compile::process_env;
 use crate::policy::{CompileOptions, PolicySource, compile};
 use crate::server::{self, Listeners, ServeOptions};
+use crate::tls::Tls;
 
 /// The environment variable the default policy reads its HS256 secret from.
 const DEV_SECRET_ENV: &str = "WSGATE_JWT_SECRET";
@@ -97,16 +98,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
     if args.redis.is_some() {
         return refuse_start("--redis: Redis scale-out is not part of this build yet");
     }
-    if args.tls_cert.is_some() {
-        return refuse_start(
-            "--tls-cert/--tls-key: TLS is not part of this build yet; terminate TLS in front of wsgate",
-        );
-    }
-    for (what, addr) in [("--listen", args.listen), ("--admin-listen", args.admin_listen)] {
-        if !addr.ip().is_loopback() {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match Tls::load(cert, key) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => return refuse_start(&format!("TLS: {e}")),
+        },
+        _ => None,
+    };
+    // TLS covers the public listener; the admin listener is plaintext and belongs on loopback.
+    let in_clear = [("--listen", args.listen, tls.is_none()), ("--admin-listen", args.admin_listen, true)];
+    for (what, addr, plaintext) in in_clear {
+        if plaintext && !addr.ip().is_loopback() {
             if !args.allow_plaintext {
                 return refuse_start(&format!(
-                    "{what} {addr} is not a loopback address and TLS is not configured; tokens would cross the network in clear (--allow-plaintext overrides)"
+                    "{what} {addr} is not a loopback address and is not served over TLS; tokens would cross the network in clear (--allow-plaintext overrides)"
                 ));
             }
             tracing::warn!(address = %addr, "PLAINTEXT on a non-loopback address (--allow-plaintext): tokens cross the network in clear");
@@ -164,11 +169,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
         };
         // Handlers go in before anyone can know the address: a SIGTERM right after the listening
         // line must drain, not kill.
-        let shutdown = match shutdown_signal() {
+        let shutdown = match shutdown_signal(tls.clone()) {
             Ok(s) => s,
             Err(e) => return refuse_start(&format!("cannot install signal handlers: {e}")),
         };
         println!("wsgate listening ws={ws_addr} admin={admin_addr}");
+        if tls.is_some() {
+            tracing::info!(address = %ws_addr, "serving wss:// (TLS 1.2 and 1.3); SIGHUP re-reads the certificate");
+        }
         if let Some(secret) = &dev_secret {
             print_dev_token(secret, ws_addr);
         } else if args.dev
@@ -177,7 +185,8 @@ pub fn run(args: ServeArgs) -> ExitCode {
             print_dev_token(&secret, ws_addr);
         }
         let gw = Gateway::new(policy, gateway_options);
-        let serve_options = ServeOptions { max_connections: args.max_connections, drain_timeout: args.drain_timeout };
+        let serve_options =
+            ServeOptions { max_connections: args.max_connections, drain_timeout: args.drain_timeout, tls };
         match server::serve(Listeners { ws, admin }, gw, serve_options, shutdown).await {
             Ok(()) => {
                 tracing::info!("stopped");
@@ -223,9 +232,9 @@ fn default_instance_id() -> String {
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Installs the SIGTERM, SIGINT and SIGHUP handlers now. The returned future completes on the
-/// first SIGTERM or SIGINT (the drain starts); a second one exits at once. SIGHUP never takes
-/// its default action (terminating without a drain).
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// first SIGTERM or SIGINT (the drain starts); a second one exits at once. SIGHUP re-reads the
+/// TLS certificate and never takes its default action (terminating without a drain).
+fn shutdown_signal(tls: Option<Arc<Tls>>) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -238,7 +247,14 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
                 _ = hup.recv() => {
-                    tracing::warn!("SIGHUP received: live policy reload is not part of this build; nothing reloaded");
+                    match &tls {
+                        Some(tls) => match tls.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key re-read; new connections use them"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: the TLS certificate could not be re-read; the current one stays"),
+                        },
+                        None => tracing::info!("SIGHUP received; no TLS certificate to re-read"),
+                    }
+                    tracing::warn!("SIGHUP: live policy reload is not part of this build; the policy was not re-read");
                     continue;
                 }
             };

@@ -1,0 +1,188 @@
+//! `wsgate serve --tls-cert --tls-key` as a process: `wss://` with a generated certificate,
+//! a failed TLS handshake that costs nothing else, certificate rotation on SIGHUP, and a bad
+//! pair refused at start-up with status 64.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A test CA, and a `localhost` / 127.0.0.1 certificate it signed, written as PEM files.
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "wsgate test CA");
+        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    /// Writes a fresh leaf certificate (with `name` as its common name) and key into `dir`.
+    fn write_leaf(&self, dir: &Path, name: &str) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    }
+
+    fn connector(&self) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.ca.pem().as_bytes()).unwrap()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+fn start(dir: &Path) -> (Child, String, String) {
+    let policies = common::default_policy_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--policies"])
+        .arg(&policies)
+        .arg("--tls-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("key.pem"))
+        .env("WSGATE_JWT_SECRET", common::SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut parts = line.split_whitespace().skip(2);
+    let ws = parts.next().unwrap().strip_prefix("ws=").unwrap().to_string();
+    let admin = parts.next().unwrap().strip_prefix("admin=").unwrap().to_string();
+    (child, ws, admin)
+}
+
+/// Connects over TLS and returns the server certificate's DER and the welcome frame.
+async fn wss_welcome(pki: &Pki, addr: &str) -> (Vec<u8>, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = pki.connector().connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let token =
+        wsgate::token::mint(common::SECRET.as_bytes(), "alice", Duration::from_secs(600), &[], SystemTime::now())
+            .unwrap();
+    let url = format!("wss://localhost/ws?token={token}");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    let Some(Ok(Message::Text(welcome))) = ws.next().await else { panic!("no welcome") };
+    (served, serde_json::from_str(&welcome).unwrap())
+}
+
+async fn metrics(admin: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+#[tokio::test]
+async fn wss_with_a_generated_certificate_rotated_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "first");
+    let (child, ws, admin) = start(dir.path());
+
+    let (first, welcome) = wss_welcome(&pki, &ws).await;
+    assert_eq!(welcome["user"], "alice");
+
+    // Plain HTTP to the TLS port fails its handshake: counted, and nobody else notices.
+    let mut plain = tokio::net::TcpStream::connect(&ws).await.unwrap();
+    plain.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = plain.read_to_end(&mut sink).await;
+    assert!(metrics(&admin).await.contains("wsgate_tls_handshake_failures_total 1"));
+
+    // Rotate: new files, SIGHUP, and new connections get the new certificate.
+    pki.write_leaf(dir.path(), "second");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (served, _) = wss_welcome(&pki, &ws).await;
+        if served != first {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the rotated certificate was never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A broken pair on SIGHUP is refused; the current certificate stays in service.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, welcome) = wss_welcome(&pki, &ws).await;
+    assert_eq!(welcome["type"], "welcome");
+    stop(child);
+}
+
+#[test]
+fn a_bad_certificate_pair_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "first");
+    let other = tempfile::tempdir().unwrap();
+    pki.write_leaf(other.path(), "other");
+    // The key of another certificate.
+    std::fs::copy(other.path().join("key.pem"), dir.path().join("key.pem")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--policies"])
+        .arg(common::default_policy_dir())
+        .arg("--tls-cert")
+        .arg(dir.path().join("cert.pem"))
+        .arg("--tls-key")
+        .arg(dir.path().join("key.pem"))
+        .env("WSGATE_JWT_SECRET", common::SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS:"));
+    // With TLS a public address is fine (the admin listener stays on loopback).
+    pki.write_leaf(dir.path(), "first");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--policies"])
+        .arg(common::default_policy_dir())
+        .arg("--tls-cert")
+        .arg(dir.path().join("cert.pem"))
+        .arg("--tls-key")
+        .arg(dir.path().join("key.pem"))
+        .env("WSGATE_JWT_SECRET", common::SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("wsgate listening ws=0.0.0.0:"), "{line}");
+    stop(child);
+}
+
+fn stop(mut child: Child) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
