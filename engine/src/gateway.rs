@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::auth::Revocations;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
-use crate::limits::{IpCounter, KeyedWindows};
+use crate::limits::{IpCounter, KeyedWindows, RateEstimator};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::Registry;
@@ -50,6 +50,15 @@ impl GatewayOptions {
             failpoint: None,
             revocation_ttl: DEFAULT_REVOCATION_TTL,
         }
+    }
+}
+
+/// The spike window for recording: the literal `connections.spike.per`, or 10 s when it is CEL
+/// (the detector evaluates the expression when it checks).
+fn spike_window(policy: &Policy) -> std::time::Duration {
+    match &policy.connections.spike.per {
+        crate::policy::Limit::Literal(per) => *per,
+        crate::policy::Limit::Expr { .. } => std::time::Duration::from_secs(10),
     }
 }
 
@@ -98,6 +107,8 @@ pub struct Gateway {
     /// Connections per IP still in their handshake (not yet authenticated), capped so one
     /// address cannot hold every connection slot with sockets that never authenticate.
     pub handshaking: Arc<IpCounter>,
+    /// Handshake attempts, for the connection-spike detector.
+    pub handshake_rate: std::sync::Mutex<RateEstimator>,
     /// The lifecycle phase; sessions hold receivers.
     phase: watch::Sender<Phase>,
     /// Next session number.
@@ -122,6 +133,7 @@ impl Gateway {
             reconnects: KeyedWindows::default(),
             per_ip: Arc::default(),
             handshaking: Arc::default(),
+            handshake_rate: std::sync::Mutex::new(RateEstimator::new(tokio::time::Instant::now())),
             phase: watch::channel(Phase::Running).0,
             options,
             next_session: AtomicU64::new(1),
@@ -156,6 +168,39 @@ impl Gateway {
     /// A fresh session id, unique within the process.
     pub fn next_session_id(&self) -> SessionId {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a handshake attempt for the spike detector.
+    pub fn record_handshake(&self) {
+        let per = spike_window(&self.policy());
+        self.handshake_rate.lock().unwrap_or_else(|e| e.into_inner()).record(tokio::time::Instant::now(), per);
+    }
+
+    /// Updates `wsgate_connection_spike` from the handshake rate and the policy's
+    /// `connections.spike`; logs a warning when an episode starts and a note when it ends.
+    /// Returns whether a spike is on.
+    pub fn check_spike(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let policy = self.policy();
+        let (max, per) = match crate::policy::decision::spike_threshold(&policy, std::time::SystemTime::now()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "connections.spike could not be evaluated");
+                return self.metrics.connection_spike.load(Ordering::Relaxed) == 1;
+            }
+        };
+        let rate =
+            self.handshake_rate.lock().unwrap_or_else(|e| e.into_inner()).estimate(tokio::time::Instant::now(), per);
+        let spiking = rate > max as f64;
+        let was = self.metrics.connection_spike.swap(u64::from(spiking), Ordering::Relaxed) == 1;
+        match (was, spiking) {
+            (false, true) => {
+                tracing::warn!(rate = rate.round(), max, per = ?per, "connection spike: handshakes exceed connections.spike")
+            }
+            (true, false) => tracing::info!(rate = rate.round(), max, per = ?per, "connection spike over"),
+            _ => {}
+        }
+        spiking
     }
 
     /// The failpoint, in debug builds only.

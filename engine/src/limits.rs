@@ -90,6 +90,53 @@ impl<K: Hash + Eq + Clone> KeyedWindows<K> {
     }
 }
 
+/// An event rate over a sliding window, estimated from two fixed windows (the current one and
+/// the one before, weighted by how much of it still overlaps): constant memory whatever the
+/// rate, for thresholds that may be in the millions (the connection-spike detector).
+#[derive(Debug)]
+pub struct RateEstimator {
+    /// Start of the current fixed window.
+    start: Instant,
+    /// Events in the current window.
+    current: u64,
+    /// Events in the previous window.
+    previous: u64,
+}
+
+impl RateEstimator {
+    /// An estimator starting at `now`.
+    pub fn new(now: Instant) -> RateEstimator {
+        RateEstimator { start: now, current: 0, previous: 0 }
+    }
+
+    fn roll(&mut self, now: Instant, per: Duration) {
+        let per = per.max(Duration::from_millis(1));
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= per * 2 {
+            self.previous = 0;
+            self.current = 0;
+            self.start = now;
+        } else if elapsed >= per {
+            self.previous = self.current;
+            self.current = 0;
+            self.start += per;
+        }
+    }
+
+    /// Records one event at `now`.
+    pub fn record(&mut self, now: Instant, per: Duration) {
+        self.roll(now, per);
+        self.current += 1;
+    }
+
+    /// Events in the window `(now - per, now]`, estimated.
+    pub fn estimate(&mut self, now: Instant, per: Duration) -> f64 {
+        self.roll(now, per);
+        let into = now.saturating_duration_since(self.start).as_secs_f64() / per.as_secs_f64().max(1e-3);
+        self.previous as f64 * (1.0 - into.min(1.0)) + self.current as f64
+    }
+}
+
 /// Live connections per client IP.
 #[derive(Debug, Default)]
 pub struct IpCounter {
@@ -243,6 +290,25 @@ mod tests {
         tokio::time::advance(per).await;
         k.sweep(Instant::now(), per);
         assert!(k.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_estimate_follows_bursts_and_decays() {
+        let per = Duration::from_secs(10);
+        let mut r = RateEstimator::new(Instant::now());
+        for _ in 0..100 {
+            r.record(Instant::now(), per);
+        }
+        assert_eq!(r.estimate(Instant::now(), per), 100.0);
+        tokio::time::advance(Duration::from_secs(15)).await;
+        // Half of the previous window still overlaps the last 10 s.
+        let half = r.estimate(Instant::now(), per);
+        assert!((49.0..=51.0).contains(&half), "{half}");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(r.estimate(Instant::now(), per), 0.0);
+        tokio::time::advance(Duration::from_secs(1000)).await;
+        r.record(Instant::now(), per);
+        assert_eq!(r.estimate(Instant::now(), per), 1.0, "a long pause forgets everything");
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub async fn serve(
     let cap = Arc::new(Semaphore::new(options.max_connections));
     let admin = tokio::spawn(admin::serve(listeners.admin, gw.clone()));
     let sweeper = tokio::spawn(sweep(gw.clone()));
+    let spike = tokio::spawn(watch_spikes(gw.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -132,7 +133,21 @@ pub async fn serve(
     gw.set_phase(Phase::Closed);
     admin.abort();
     sweeper.abort();
+    spike.abort();
     Ok(())
+}
+
+/// How often the handshake rate is compared with `connections.spike`.
+pub const SPIKE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Raises and clears `wsgate_connection_spike` as the handshake rate crosses the policy's
+/// threshold.
+async fn watch_spikes(gw: Arc<Gateway>) {
+    let mut every = tokio::time::interval(SPIKE_CHECK_INTERVAL);
+    loop {
+        every.tick().await;
+        gw.check_spike();
+    }
 }
 
 /// Forgets reconnect windows that have emptied, so the map holds only recently active users.
@@ -221,6 +236,9 @@ where
         Err(ReadError::Closed | ReadError::TimedOut) => return None,
     };
     let started = Instant::now();
+    if request.path == handshake::WS_PATH {
+        gw.record_handshake();
+    }
     let admitted = match handshake::check(&gw, &request, peer, started) {
         Ok(admitted) => admitted,
         Err(refused) => {

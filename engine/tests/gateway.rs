@@ -464,3 +464,20 @@ async fn one_address_cannot_hold_more_than_128_unfinished_handshakes() {
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(gw.handshaking.count(peer.ip()), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_spike_gauge_rises_with_the_handshake_rate_and_clears() {
+    let gw = gateway(|d| d.replace("spike: {max: 500, per: 10s}", "spike: {max: 5, per: 10s}"));
+    let gauge = || gw.metrics.connection_spike.load(std::sync::atomic::Ordering::Relaxed);
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(connect(&gw, &token(&format!("u{i}"), HOUR, &[])).await);
+    }
+    assert!(!gw.check_spike(), "5 in 10 s is at the threshold, not over it");
+    clients.push(connect(&gw, &token("u5", HOUR, &[])).await);
+    assert!(gw.check_spike());
+    assert_eq!(gauge(), 1);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(!gw.check_spike());
+    assert_eq!(gauge(), 0);
+}
