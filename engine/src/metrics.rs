@@ -112,6 +112,9 @@ pub struct Metrics {
     pub redis_up: AtomicU64,
     /// `wsgate_tls_handshake_failures_total`.
     pub tls_failures: AtomicU64,
+    /// `wsgate_redis_configured`: 1 when the instance runs with `--redis`, so alerts on
+    /// `wsgate_redis_up` apply only there.
+    pub redis_configured: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -134,12 +137,14 @@ impl Default for Metrics {
             connection_spike: AtomicU64::new(0),
             redis_up: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
+            redis_configured: AtomicU64::new(0),
         }
     }
 }
 
 /// The names, so dashboards and alerts can be checked against them.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 18] = [
+    "wsgate_redis_configured",
     "wsgate_tls_handshake_failures_total",
     "wsgate_connections_active",
     "wsgate_handshakes_total",
