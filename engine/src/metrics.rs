@@ -270,6 +270,12 @@ impl Metrics {
             "1 while Redis is reachable (0 without Redis).",
             load(&self.redis_up).to_string(),
         );
+        gauge(
+            &mut out,
+            "wsgate_redis_configured",
+            "1 when the instance runs with Redis.",
+            load(&self.redis_configured).to_string(),
+        );
         self.connection_duration.render(&mut out, "wsgate_connection_duration_seconds", "How long connections lasted.");
         self.pipeline_duration.render(
             &mut out,
