@@ -204,3 +204,22 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
     assert_eq!(status.code(), Some(wsgate::startup::EXIT_INTERRUPTED));
     assert!(started.elapsed() < Duration::from_secs(10), "exited at once, not after the 60 s drain");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = common::default_policy_dir();
+    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--log-format", "json"]].concat();
+    let mut child = serve(&args, Some(common::SECRET)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let _ = first_lines(&mut child, 1);
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let log = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
+}
