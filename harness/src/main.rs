@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod client;
+mod drain;
 mod duration;
 mod http;
 mod matching;
@@ -27,6 +28,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use duration::Dur;
 use report::CaseResult;
 use runner::RunConfig;
 
@@ -80,6 +82,26 @@ enum Command {
         #[arg(long)]
         policies: Option<PathBuf>,
     },
+    /// Measure a graceful shutdown: N clients connected, SIGTERM, time until every client got
+    /// 1001 and until the process exited (it must exit 0).
+    DrainTime {
+        /// How many connected clients.
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// The wsgate binary (default: $WSGATE_BIN, else `wsgate` next to this executable).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// The server's --drain-timeout (`500ms`, `10s`, `1m`).
+        #[arg(long, default_value = "10s", value_parser = parse_dur)]
+        drain_timeout: Dur,
+        /// The policy directory to start from (default: the repository's `policies/`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+}
+
+fn parse_dur(text: &str) -> Result<Dur, String> {
+    duration::parse(text).map(Dur).ok_or_else(|| format!("`{text}` is not a duration like 500ms, 10s, 1m30s"))
 }
 
 /// The repository's `policies/`: searched upward from `start`, else next to this crate.
@@ -205,6 +227,30 @@ async fn idle_memory(
     Ok(true)
 }
 
+async fn drain_time(
+    connections: usize,
+    bin: Option<&Path>,
+    drain_timeout: Dur,
+    policies: Option<PathBuf>,
+) -> Result<bool, String> {
+    let opts = drain::DrainOptions {
+        bin: supervisor::find_wsgate(bin)?,
+        policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
+        connections,
+        parallel: 32,
+        drain_timeout,
+    };
+    let m = drain::measure(&opts).await?;
+    println!("{}", m.summary());
+    if let Some(p) = m.percentiles() {
+        println!("  {p}");
+    }
+    if !m.passed() {
+        println!("FAIL: every client must get close 1001 and the process must exit 0 (SPEC §7)");
+    }
+    Ok(m.passed())
+}
+
 /// Resolves on SIGINT or SIGTERM, so the harness can exit through its destructors (which kill
 /// every child) instead of dying with them still running.
 async fn interrupted() {
@@ -244,6 +290,9 @@ fn main() -> ExitCode {
             Command::Check { dir } => check_all(&dir),
             Command::IdleMemory { connections, bin, max_kib, policies } => {
                 idle_memory(connections, bin.as_deref(), max_kib, policies).await
+            }
+            Command::DrainTime { connections, bin, drain_timeout, policies } => {
+                drain_time(connections, bin.as_deref(), drain_timeout, policies).await
             }
         }
     };

@@ -84,7 +84,9 @@ async fn settled_rss(pid: u32) -> Result<u64, String> {
     Ok(previous)
 }
 
-async fn open_one(addr: std::net::SocketAddr, token: String) -> Result<Connection, String> {
+/// Opens one authenticated connection (token in the `Authorization` header) and waits for its
+/// welcome. The connection keeps reading, so it answers pings and close frames.
+pub async fn open_one(addr: std::net::SocketAddr, token: String) -> Result<Connection, String> {
     let handshake = Handshake {
         addr,
         path_and_query: "/ws".into(),
@@ -103,64 +105,92 @@ async fn open_one(addr: std::net::SocketAddr, token: String) -> Result<Connectio
     }
 }
 
-/// Runs the measurement; `Err` when something failed along the way.
-pub async fn measure(opts: &MemoryOptions) -> Result<Measurement, String> {
-    let redactor = Arc::new(Redactor::default());
-    let credentials = Credentials::generate(&redactor);
-    // The per-IP limit would refuse everything past 100 loopback connections.
-    let limit = opts.connections + 16;
-    let overrides = json!({"connections": {"max_per_ip": limit}});
-    let dir = PolicyDir::create(&opts.policies, Some(&overrides), &[])?;
+/// A valid token for `user`, an hour long, signed with the measurement's secret.
+pub fn mint_valid(credentials: &Credentials, user: &str) -> Result<String, String> {
+    let claims = Map::new();
+    let spec = TokenSpec {
+        kind: TokenKind::Valid,
+        sub: Some(user),
+        claims: &claims,
+        omit: &[],
+        ttl: Duration::from_secs(3600),
+        algorithm: None,
+    };
+    token::mint(credentials.jwt_secret.as_bytes(), &spec, SystemTime::now()).map(|t| t.unwrap_or_default())
+}
+
+/// One wsgate for a measurement of `connections` clients from loopback: the per-IP limit
+/// raised past them (it would refuse everything past 100), `RUST_LOG=warn`, plus `args`.
+pub async fn start_server(
+    bin: &std::path::Path,
+    policies: &std::path::Path,
+    name: &str,
+    connections: usize,
+    args: &[String],
+    credentials: &Credentials,
+    redactor: &Arc<Redactor>,
+) -> Result<(WsgateServer, PolicyDir), String> {
+    let overrides = json!({"connections": {"max_per_ip": connections + 16}});
+    let dir = PolicyDir::create(policies, Some(&overrides), &[])?;
     let server = WsgateServer::start(
         &WsgateOptions {
-            bin: &opts.bin,
-            name: "memory",
+            bin,
+            name,
             policies: dir.path(),
-            args: &[],
+            args,
             env: &[("RUST_LOG".into(), "warn".into())],
-            credentials: &credentials,
+            credentials,
             ready_timeout: Duration::from_secs(20),
         },
-        Arc::clone(&redactor),
+        Arc::clone(redactor),
     )
     .await?;
-    let pid = server.process.pid().ok_or("wsgate exited")?;
-    let addr = server.ws_addr;
-    let mint = |user: &str| {
-        let claims = Map::new();
-        let spec = TokenSpec {
-            kind: TokenKind::Valid,
-            sub: Some(user),
-            claims: &claims,
-            omit: &[],
-            ttl: Duration::from_secs(3600),
-            algorithm: None,
-        };
-        token::mint(credentials.jwt_secret.as_bytes(), &spec, SystemTime::now()).map(|t| t.unwrap_or_default())
-    };
+    Ok((server, dir))
+}
 
-    // One connection first, so one-time costs (first handshake, lazily built state) are not
-    // counted per connection.
-    drop(open_one(addr, mint("warmup")?).await.map_err(|e| format!("warm-up connection: {e}"))?);
-    let before_kib = settled_rss(pid).await?;
-
-    let gate = Arc::new(Semaphore::new(opts.parallel.max(1)));
+/// Opens `connections` connections of distinct users (`<prefix>-<i>`), `parallel` handshakes at
+/// a time, each waiting for its welcome.
+pub async fn open_all(
+    addr: std::net::SocketAddr,
+    credentials: &Credentials,
+    prefix: &str,
+    connections: usize,
+    parallel: usize,
+) -> Result<Vec<Connection>, String> {
+    let gate = Arc::new(Semaphore::new(parallel.max(1)));
     let mut tasks = JoinSet::new();
-    for i in 0..opts.connections {
-        let token = mint(&format!("idle-{i}"))?;
+    for i in 0..connections {
+        let token = mint_valid(credentials, &format!("{prefix}-{i}"))?;
         let gate = Arc::clone(&gate);
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
             open_one(addr, token).await.map_err(|e| format!("connection {i}: {e}"))
         });
     }
-    let mut held = Vec::with_capacity(opts.connections);
+    let mut held = Vec::with_capacity(connections);
     while let Some(joined) = tasks.join_next().await {
-        match joined.map_err(|e| e.to_string())? {
-            Ok(conn) => held.push(conn),
-            Err(e) => return Err(redactor.redact(&e)),
-        }
+        held.push(joined.map_err(|e| e.to_string())??);
     }
+    Ok(held)
+}
+
+/// Runs the measurement; `Err` when something failed along the way.
+pub async fn measure(opts: &MemoryOptions) -> Result<Measurement, String> {
+    let redactor = Arc::new(Redactor::default());
+    let credentials = Credentials::generate(&redactor);
+    let (server, _dir) =
+        start_server(&opts.bin, &opts.policies, "memory", opts.connections, &[], &credentials, &redactor).await?;
+    let pid = server.process.pid().ok_or("wsgate exited")?;
+    let addr = server.ws_addr;
+
+    // One connection first, so one-time costs (first handshake, lazily built state) are not
+    // counted per connection.
+    let warmup = mint_valid(&credentials, "warmup")?;
+    drop(open_one(addr, warmup).await.map_err(|e| format!("warm-up connection: {e}"))?);
+    let before_kib = settled_rss(pid).await?;
+
+    let held =
+        open_all(addr, &credentials, "idle", opts.connections, opts.parallel).await.map_err(|e| redactor.redact(&e))?;
     let after_kib = settled_rss(pid).await?;
     drop(held);
     drop(server);

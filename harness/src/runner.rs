@@ -19,7 +19,7 @@ use crate::http::{self, HttpRequest, HttpResponse};
 use crate::matching::{brief, clip, matches};
 use crate::policy_dir::{PolicyDir, deep_merge};
 use crate::scenario::*;
-use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer};
+use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer, describe_exit};
 use crate::token::{self, TokenSpec};
 
 /// The default deadline of steps that wait for something.
@@ -44,6 +44,8 @@ struct ServerState {
     server: WsgateServer,
     /// Its private policy directory (kept alive as long as the server runs).
     dir: PolicyDir,
+    /// The last signal a `stop` step sent it, and when.
+    signalled: Option<(StopSignal, Instant)>,
 }
 
 /// A connection opened by a `connect` step.
@@ -89,6 +91,8 @@ pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
     ctx.conns.clear();
     for state in ctx.servers.values_mut() {
         let process = &mut state.server.process;
+        // A server that has already exited (an `expect_exit`, or a crash) is left alone; its
+        // captured output is still complete for the leak check below.
         let _ = process.stop(Duration::from_secs(10)).await;
         // The last lines are still in the pipes when the process exits.
         let _ = process.log().wait_for(|_| None::<()>, Instant::now() + Duration::from_secs(2)).await;
@@ -154,7 +158,7 @@ impl Ctx<'_> {
                 ready_timeout: self.cfg.ready_timeout,
             };
             let server = WsgateServer::start(&opts, Arc::clone(&self.redactor)).await?;
-            self.servers.insert(name.clone(), ServerState { server, dir });
+            self.servers.insert(name.clone(), ServerState { server, dir, signalled: None });
         }
         Ok(())
     }
@@ -222,8 +226,7 @@ impl Ctx<'_> {
             Step::Http(s) => self.http(s).await,
             Step::EditPolicy(s) => {
                 let files: Vec<(String, String)> = s.files.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                let name = s.server.as_deref().unwrap_or(DEFAULT_SERVER);
-                let state = self.servers.get_mut(name).ok_or("unknown server")?;
+                let state = self.server_mut(&s.server)?;
                 state.dir.apply(s.policy.as_ref(), &files, s.replace)
             }
             Step::PauseReading(c) => {
@@ -241,6 +244,38 @@ impl Ctx<'_> {
                     .await
                     .map_err(|_| format!("no log line containing {:?} within {within}", s.contains))
             }
+            Step::Stop(s) => {
+                let state = self.server_mut(&s.server)?;
+                state.server.process.signal(s.signal.name()).await?;
+                state.signalled = Some((s.signal, Instant::now()));
+                Ok(())
+            }
+            Step::ExpectExit(s) => self.expect_exit(s).await,
+        }
+    }
+
+    fn server_mut(&mut self, name: &Option<String>) -> Result<&mut ServerState, String> {
+        let name = name.as_deref().unwrap_or(DEFAULT_SERVER);
+        self.servers.get_mut(name).ok_or_else(|| format!("no server `{name}`"))
+    }
+
+    async fn expect_exit(&mut self, s: &ExpectExitStep) -> Result<(), String> {
+        let within = s.within.unwrap_or(DEFAULT_EXIT_WITHIN);
+        let until = Instant::now() + within.0;
+        let state = self.server_mut(&s.server)?;
+        let outcome = state.server.process.wait_exit(until).await?;
+        // "(2301 ms after SIGTERM)", when a `stop` step sent one.
+        let after = state
+            .signalled
+            .map(|(signal, at)| format!(" ({} ms after SIG{})", at.elapsed().as_millis(), signal.name()))
+            .unwrap_or_default();
+        match outcome {
+            Some(status) if status.code() == Some(s.code) => Ok(()),
+            Some(status) => Err(format!("expected exit status {}, got {}{after}", s.code, describe_exit(status))),
+            None => Err(format!(
+                "expected the server to exit with status {} within {within}; it is still running{after}",
+                s.code
+            )),
         }
     }
 
@@ -793,6 +828,54 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("admin=<redacted: the admin token>"), "{report}");
+    }
+
+    /// A stand-in that drains on SIGTERM: prints `line` and exits with `code`.
+    fn draining_server(dir: &std::path::Path, line: &str, code: i32) -> RunConfig {
+        fake_server(
+            dir,
+            &format!(
+                "trap 'echo \"{line}\" >&2; exit {code}' TERM\n\
+                 echo 'wsgate listening ws=127.0.0.1:9 admin=127.0.0.1:9'\n\
+                 while :; do sleep 0.05; done"
+            ),
+        )
+    }
+
+    #[tokio::test]
+    async fn stop_then_expect_exit_passes_and_the_log_of_the_exited_server_is_still_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = crate::scenario::parse(
+            "steps:\n  - stop: {}\n  - expect_exit: {code: 0, within: 5s}\n  - expect_log: {contains: draining}\n",
+        )
+        .unwrap();
+        run(&scenario, &draining_server(dir.path(), "draining", 0)).await.unwrap();
+
+        let leaky = draining_server(dir.path(), "draining with $WSGATE_ADMIN_TOKEN", 0);
+        let report = run(&scenario, &leaky).await.unwrap_err();
+        assert!(
+            report.starts_with("a log contains a secret (SPEC §2): wsgate `main` logged the admin token"),
+            "{report}"
+        );
+        assert!(report.contains("draining with <redacted: the admin token>"), "{report}");
+    }
+
+    #[tokio::test]
+    async fn expect_exit_reports_the_wrong_status_and_a_server_that_keeps_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = crate::scenario::parse("steps:\n  - stop: {}\n  - expect_exit: {}\n").unwrap();
+        let report = run(&scenario, &draining_server(dir.path(), "bye", 3)).await.unwrap_err();
+        assert!(report.starts_with("step 2 (expect_exit): expected exit status 0, got exit status 3 ("), "{report}");
+        assert!(report.contains("ms after SIGTERM)"), "{report}");
+
+        let scenario = crate::scenario::parse("steps:\n  - expect_exit: {within: 300ms}\n").unwrap();
+        let report = run(&scenario, &draining_server(dir.path(), "bye", 0)).await.unwrap_err();
+        assert!(
+            report.starts_with(
+                "step 1 (expect_exit): expected the server to exit with status 0 within 300ms; it is still running"
+            ),
+            "{report}"
+        );
     }
 
     fn connect_step(yaml: &str) -> ConnectStep {

@@ -95,6 +95,10 @@ pub enum Step {
     ResumeReading(String),
     /// A server's log must (come to) contain a text.
     ExpectLog(ExpectLogStep),
+    /// Send a server a signal (SIGTERM by default) and go on at once.
+    Stop(StopStep),
+    /// A server must exit, with this status, within a deadline.
+    ExpectExit(ExpectExitStep),
 }
 
 impl Step {
@@ -115,6 +119,23 @@ impl Step {
             Step::PauseReading(_) => "pause_reading",
             Step::ResumeReading(_) => "resume_reading",
             Step::ExpectLog(_) => "expect_log",
+            Step::Stop(_) => "stop",
+            Step::ExpectExit(_) => "expect_exit",
+        }
+    }
+
+    /// The server a step talks to, once `resolve` has filled it in (`None` for steps about a
+    /// connection, whose server was named when it was opened).
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            Step::Connect(s) => s.server.as_deref(),
+            Step::Publish(s) => s.server.as_deref(),
+            Step::Http(s) => s.server.as_deref(),
+            Step::EditPolicy(s) => s.server.as_deref(),
+            Step::ExpectLog(s) => s.server.as_deref(),
+            Step::Stop(s) => s.server.as_deref(),
+            Step::ExpectExit(s) => s.server.as_deref(),
+            _ => None,
         }
     }
 
@@ -463,6 +484,60 @@ pub struct ExpectLogStep {
     pub within: Option<Dur>,
 }
 
+/// The signal a `stop` step sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum StopSignal {
+    /// SIGTERM (what an orchestrator sends).
+    #[default]
+    #[serde(alias = "SIGTERM")]
+    #[serde(rename = "TERM")]
+    Term,
+    /// SIGINT (Ctrl-C).
+    #[serde(alias = "SIGINT")]
+    #[serde(rename = "INT")]
+    Int,
+}
+
+impl StopSignal {
+    /// The name `kill` takes (`TERM`, `INT`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Term => "TERM",
+            StopSignal::Int => "INT",
+        }
+    }
+}
+
+/// `stop`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopStep {
+    /// Which server (default: the only one).
+    #[serde(default)]
+    pub server: Option<String>,
+    /// `TERM` (default) or `INT`.
+    #[serde(default)]
+    pub signal: StopSignal,
+}
+
+/// `expect_exit`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectExitStep {
+    /// Which server (default: the only one).
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The exit status it must have (default 0).
+    #[serde(default)]
+    pub code: i32,
+    /// Deadline (default 15s: the server's default drain timeout of 10s, and some margin).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// The default deadline of `expect_exit`.
+pub const DEFAULT_EXIT_WITHIN: Dur = Dur::secs(15);
+
 /// Reads and checks a scenario file.
 pub fn load(path: &Path) -> Result<Scenario, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -510,9 +585,22 @@ impl Scenario {
         }
         let servers: BTreeSet<String> = self.servers.keys().cloned().collect();
         let mut conns: BTreeSet<String> = BTreeSet::new();
+        // Servers an `expect_exit` has seen exit, with that step's number.
+        let mut exited: BTreeMap<String, usize> = BTreeMap::new();
         for (i, step) in self.steps.iter_mut().enumerate() {
             let kind = step.kind();
-            resolve_step(step, &servers, &mut conns).map_err(|e| format!("step {} ({kind}): {e}", i + 1))?;
+            let at = |e: String| format!("step {} ({kind}): {e}", i + 1);
+            resolve_step(step, &servers, &mut conns).map_err(at)?;
+            // Only the log of a server that has exited can still be looked at.
+            if let Some(server) = step.server()
+                && let Some(when) = exited.get(server)
+                && !matches!(step, Step::ExpectLog(_))
+            {
+                return Err(at(format!("server `{server}` has exited (step {when}); only `expect_log` can follow")));
+            }
+            if let Step::ExpectExit(s) = step {
+                exited.insert(s.server.clone().unwrap_or_default(), i + 1);
+            }
         }
         Ok(())
     }
@@ -675,6 +763,8 @@ fn resolve_step(step: &mut Step, servers: &BTreeSet<String>, conns: &mut BTreeSe
             Ok(())
         }
         Step::ExpectLog(s) => pick_server(&mut s.server, servers),
+        Step::Stop(s) => pick_server(&mut s.server, servers),
+        Step::ExpectExit(s) => pick_server(&mut s.server, servers),
     }
 }
 
@@ -742,14 +832,43 @@ steps:
   - pause_reading: c1
   - resume_reading: c1
   - expect_log: {server: a, contains: listening, within: 1s}
+  - stop: {server: a, signal: INT}
+  - stop: {server: b}
+  - expect_exit: {server: a, code: 0, within: 12s}
+  - expect_log: {server: a, contains: stopped}
 "#;
         let s = parse(text).unwrap();
-        assert_eq!(s.steps.len(), 22);
+        assert_eq!(s.steps.len(), 26);
         assert_eq!(s.timeout(), Dur::secs(30));
         let kinds: Vec<&str> = s.steps.iter().map(Step::kind).collect();
         assert!(kinds.contains(&"edit_policy") && kinds.contains(&"resume_reading"));
         let Step::ExpectNoFrame(n) = &s.steps[12] else { panic!() };
         assert_eq!(n.duration, Some(Dur::millis(500)));
+    }
+
+    #[test]
+    fn stop_and_expect_exit_defaults() {
+        let s = parse("steps:\n  - stop: {}\n  - expect_exit: {}\n").unwrap();
+        let Step::Stop(stop) = &s.steps[0] else { panic!() };
+        assert_eq!((stop.server.as_deref(), stop.signal), (Some("main"), StopSignal::Term));
+        let Step::ExpectExit(exit) = &s.steps[1] else { panic!() };
+        assert_eq!((exit.server.as_deref(), exit.code, exit.within), (Some("main"), 0, None));
+        let s = parse("steps:\n  - stop: {signal: SIGINT}\n").unwrap();
+        let Step::Stop(stop) = &s.steps[0] else { panic!() };
+        assert_eq!(stop.signal.name(), "INT");
+    }
+
+    #[test]
+    fn nothing_but_expect_log_follows_an_exit() {
+        let e = err("steps:\n  - stop: {}\n  - expect_exit: {}\n  - http: {path: /, expect_status: 404}\n");
+        assert!(e.starts_with("step 3 (http)") && e.contains("has exited (step 2)"), "{e}");
+        let e = err("steps:\n  - expect_exit: {}\n  - stop: {}\n");
+        assert!(e.contains("has exited"), "{e}");
+        assert!(err("steps:\n  - stop: {signal: KILL}\n").contains("KILL"));
+        let two = "servers: {a: {}, b: {}}\nsteps:\n  - stop: {server: a}\n  - expect_exit: {server: a}\n";
+        let ok =
+            format!("{two}  - expect_log: {{server: a, contains: stopped}}\n  - connect: {{server: b, user: x}}\n");
+        parse(&ok).unwrap();
     }
 
     fn err(text: &str) -> String {

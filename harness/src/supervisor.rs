@@ -227,26 +227,73 @@ impl Process {
         self.status
     }
 
-    /// Sends SIGTERM and waits up to `grace` for the exit; kills it after that.
+    /// Sends `signal` (`TERM`, `INT`, …) and returns at once. Fails when the process has
+    /// already exited (its id may belong to another process by now) or `kill` fails.
+    pub async fn signal(&mut self, signal: &str) -> Result<(), String> {
+        if let Some(status) = self.exit_status() {
+            return Err(format!("{} has already exited ({status})", self.name));
+        }
+        let pid = self.pid().ok_or_else(|| format!("{} has already exited", self.name))?;
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        match sent {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("`kill -{signal} {pid}` failed ({s})")),
+            Err(e) => Err(format!("cannot run `kill`: {e}")),
+        }
+    }
+
+    /// Waits for the process to exit, until `deadline`; `None` if it is still running then.
+    pub async fn wait_exit(&mut self, deadline: Instant) -> Result<Option<ExitStatus>, String> {
+        if let Some(status) = self.exit_status() {
+            return Ok(Some(status));
+        }
+        match tokio::time::timeout_at(deadline, self.child.wait()).await {
+            Ok(status) => {
+                let status = status.map_err(|e| format!("cannot wait for {}: {e}", self.name))?;
+                self.status = Some(status);
+                Ok(Some(status))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for the exit; kills it after that. A process that
+    /// has already exited is left alone and its status returned.
     pub async fn stop(&mut self, grace: Duration) -> Result<ExitStatus, String> {
         if let Some(status) = self.exit_status() {
             return Ok(status);
         }
-        if let Some(pid) = self.pid() {
-            let sent = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
-            if !sent.is_ok_and(|s| s.success()) {
-                let _ = self.child.start_kill();
+        if self.signal("TERM").await.is_err() {
+            let _ = self.child.start_kill();
+        }
+        match self.wait_exit(Instant::now() + grace).await? {
+            Some(status) => Ok(status),
+            None => {
+                let _ = self.child.kill().await;
+                Err(format!("{} did not exit within {grace:?} of SIGTERM; killed", self.name))
             }
         }
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status.map_err(|e| e.to_string())?,
-            Err(_) => {
-                let _ = self.child.kill().await;
-                return Err(format!("{} did not exit within {grace:?} of SIGTERM; killed", self.name));
-            }
-        };
-        self.status = Some(status);
-        Ok(status)
+    }
+}
+
+/// How a process ended, in words: `exit status 0`, `killed by SIGKILL`.
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(9)) => "killed by SIGKILL".into(),
+        (None, Some(15)) => "killed by SIGTERM".into(),
+        (None, Some(2)) => "killed by SIGINT".into(),
+        (None, Some(6)) => "killed by SIGABRT".into(),
+        (None, Some(11)) => "killed by SIGSEGV".into(),
+        (None, Some(n)) => format!("killed by signal {n}"),
+        (None, None) => status.to_string(),
     }
 }
 
@@ -441,6 +488,25 @@ mod tests {
         let status = p.stop(Duration::from_secs(5)).await.unwrap();
         assert!(!status.success(), "SIGTERM ends sh");
         assert!(p.log().tail(10).iter().any(|l| l == "err| two"));
+    }
+
+    #[tokio::test]
+    async fn signals_and_waits_for_the_exit() {
+        let r = Arc::new(Redactor::default());
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap 'echo draining; exit 7' INT; echo ready; while :; do sleep 0.05; done"]);
+        let mut p = Process::spawn("sh", cmd, r).unwrap();
+        let soon = || Instant::now() + Duration::from_secs(10);
+        p.log().wait_for(|l| (l == "ready").then_some(()), soon()).await.unwrap();
+        assert_eq!(p.wait_exit(Instant::now() + Duration::from_millis(100)).await.unwrap(), None);
+        p.signal("INT").await.unwrap();
+        let status = p.wait_exit(soon()).await.unwrap().expect("exited");
+        assert_eq!(describe_exit(status), "exit status 7");
+        assert!(p.signal("TERM").await.unwrap_err().contains("already exited"));
+        // Stopping an exited process only reports how it ended.
+        assert_eq!(p.stop(Duration::from_secs(1)).await.unwrap().code(), Some(7));
+        p.log().wait_for(|_| None::<()>, soon()).await.unwrap_err();
+        assert!(p.log().contains("draining"));
     }
 
     #[tokio::test]
