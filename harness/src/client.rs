@@ -1,14 +1,18 @@
-//! The WebSocket protocol client: one handshake over a `TcpStream` the harness opens itself,
-//! then one background task per accepted connection that owns the socket, forwards what
-//! arrives to a queue and carries out commands. A connection can stop reading (a dead peer
-//! that never answers pings, a slow consumer whose TCP window fills) and resume later.
+//! The WebSocket protocol client: one handshake over a socket the harness opens itself (plain
+//! TCP for `ws://`, TLS over it for `wss://`), then one background task per accepted connection
+//! that owns the socket, forwards what arrives to a queue and carries out commands. A
+//! connection can stop reading (a dead peer that never answers pings, a slow consumer whose TCP
+//! window fills) and resume later.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -18,6 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+
+use crate::tls::{self, Stream, TlsClient};
 
 /// The largest refusal body the harness reads.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -31,8 +37,10 @@ pub struct Handshake {
     pub path_and_query: String,
     /// Extra request headers (`Origin`, `Authorization`, `Cookie`, `Sec-WebSocket-Protocol`, …).
     pub headers: Vec<(String, String)>,
-    /// Deadline for the whole handshake.
+    /// Deadline for the whole handshake (TCP, TLS and HTTP).
     pub timeout: Duration,
+    /// `Some`: `wss://` — TLS with this client configuration; `None`: `ws://`.
+    pub tls: Option<TlsClient>,
 }
 
 /// How the connection's task reads after the handshake.
@@ -183,26 +191,24 @@ impl Connection {
 pub async fn connect(handshake: &Handshake, mode: ReadMode) -> Result<Outcome, String> {
     let deadline = Instant::now() + handshake.timeout;
     let addr = handshake.addr;
-    let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("connecting to {addr} timed out"))?
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    // A second handle on the same socket: tungstenite keeps only the bytes of a refusal's body
+    let stream = tls::open(addr, handshake.tls.as_ref(), deadline).await?;
+    // A second handle on the same stream: tungstenite keeps only the bytes of a refusal's body
     // that arrived with its head, so the rest is read through this one.
-    let std = tcp.into_std().map_err(|e| e.to_string())?;
-    let spare = std.try_clone().map_err(|e| e.to_string())?;
-    let tcp = TcpStream::from_std(std).map_err(|e| e.to_string())?;
+    let stream = Shared(Arc::new(Mutex::new(stream)));
+    let spare = Shared(Arc::clone(&stream.0));
 
-    let mut request = format!("ws://{addr}{}", handshake.path_and_query)
-        .into_client_request()
-        .map_err(|e| format!("cannot build the handshake request: {}", redact_error(&e)))?;
+    // Over TLS the request names the certificate's host, as a browser would.
+    let scheme = if handshake.tls.is_some() { "wss" } else { "ws" };
+    let url = format!("{scheme}://{}{}", tls::host(addr, handshake.tls.is_some()), handshake.path_and_query);
+    let mut request =
+        url.into_client_request().map_err(|e| format!("cannot build the handshake request: {}", redact_error(&e)))?;
     for (name, value) in &handshake.headers {
         let name: tungstenite::http::HeaderName =
             name.parse().map_err(|_| format!("`{name}` is not a valid header name"))?;
         let value = HeaderValue::from_str(value).map_err(|_| format!("the value of header `{name}` is not valid"))?;
         request.headers_mut().append(name, value);
     }
-    let result = tokio::time::timeout_at(deadline, client_async_with_config(request, tcp, None))
+    let result = tokio::time::timeout_at(deadline, client_async_with_config(request, stream, None))
         .await
         .map_err(|_| format!("the handshake with {addr} did not finish within {:?}", handshake.timeout))?;
     match result {
@@ -214,7 +220,6 @@ pub async fn connect(handshake: &Handshake, mode: ReadMode) -> Result<Outcome, S
         Err(tungstenite::Error::Http(response)) => {
             let headers = header_list(response.headers());
             let tail = response.body().clone().unwrap_or_default();
-            let spare = TcpStream::from_std(spare).map_err(|e| e.to_string())?;
             let body = complete_body(tail, &headers, spare, deadline).await;
             Ok(Outcome::Refused { status: response.status().as_u16(), headers, body })
         }
@@ -241,7 +246,7 @@ fn header_list(headers: &tungstenite::http::HeaderMap) -> Vec<(String, String)> 
 async fn complete_body(
     mut body: Vec<u8>,
     headers: &[(String, String)],
-    mut spare: TcpStream,
+    mut spare: Shared,
     deadline: Instant,
 ) -> Vec<u8> {
     let want = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.trim().parse::<usize>().ok());
@@ -258,7 +263,39 @@ async fn complete_body(
     body
 }
 
-fn spawn(ws: WebSocketStream<TcpStream>, mode: ReadMode) -> Connection {
+/// The connection's stream, shared between tungstenite and the harness (see [`connect`]). Only
+/// one task polls it at a time, so the lock is never contended.
+#[derive(Debug)]
+struct Shared(Arc<Mutex<Stream>>);
+
+impl Shared {
+    fn with<T>(&self, f: impl FnOnce(Pin<&mut Stream>) -> T) -> T {
+        let mut stream = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(Pin::new(&mut *stream))
+    }
+}
+
+impl AsyncRead for Shared {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.with(|s| s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.with(|s| s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|s| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|s| s.poll_shutdown(cx))
+    }
+}
+
+fn spawn(ws: WebSocketStream<Shared>, mode: ReadMode) -> Connection {
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (event_tx, events) = mpsc::unbounded_channel();
     let task = tokio::spawn(run(ws, command_rx, event_tx, mode));
@@ -267,7 +304,7 @@ fn spawn(ws: WebSocketStream<TcpStream>, mode: ReadMode) -> Connection {
 
 /// The task that owns one socket.
 async fn run(
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<Shared>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     mode: ReadMode,
@@ -338,7 +375,13 @@ mod tests {
     }
 
     fn handshake(addr: SocketAddr) -> Handshake {
-        Handshake { addr, path_and_query: "/ws?token=abc".into(), headers: vec![], timeout: Duration::from_secs(5) }
+        Handshake {
+            addr,
+            path_and_query: "/ws?token=abc".into(),
+            headers: vec![],
+            timeout: Duration::from_secs(5),
+            tls: None,
+        }
     }
 
     fn soon() -> Instant {
@@ -439,6 +482,65 @@ mod tests {
         assert_eq!(conn.next_event(Instant::now() + Duration::from_millis(300)).await, None);
         conn.set_reading(true);
         assert_eq!(conn.next_event(soon()).await, Some(Event::Text("second".into())));
+    }
+
+    /// Over TLS (`wss://`, SNI `localhost`): an upgrade with its frames and close code, and a
+    /// refusal whose body arrives in a later TLS record than its head, read completely.
+    #[tokio::test]
+    async fn wss_upgrade_and_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = crate::tls::generate(dir.path(), "test").unwrap();
+        let acceptor = crate::tls::tests::acceptor(&pair);
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(async move {
+            // First connection: upgraded.
+            let (s, _) = l.accept().await.unwrap();
+            let s = acceptor.accept(s).await.unwrap();
+            let mut host = String::new();
+            // The callback's type is tungstenite's.
+            #[allow(clippy::result_large_err)]
+            let callback = |req: &tungstenite::handshake::server::Request, resp| {
+                host = req.headers()["host"].to_str().unwrap().to_string();
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(s, callback).await.unwrap();
+            ws.send(Message::text("welcome")).await.unwrap();
+            let frame = CloseFrame { code: CloseCode::from(4010), reason: "bye".into() };
+            ws.send(Message::Close(Some(frame))).await.unwrap();
+            while let Some(Ok(_)) = ws.next().await {}
+            // Second: refused, the body in its own record.
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = acceptor.accept(s).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            let body = br#"{"error":"unauthorized","reason":"no token"}"#;
+            let head = format!("HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n", body.len());
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(body).await.unwrap();
+            s.flush().await.unwrap();
+            host
+        });
+        let mut h = handshake(addr);
+        h.tls = Some(pair.client.clone());
+        let Outcome::Accepted { mut conn, .. } = connect(&h, ReadMode::Reading).await.unwrap() else {
+            panic!("refused")
+        };
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Text("welcome".into())));
+        assert_eq!(conn.next_event(soon()).await, Some(Event::Close { code: Some(4010), reason: "bye".into() }));
+        match connect(&h, ReadMode::Reading).await.unwrap() {
+            Outcome::Refused { status, body, .. } => {
+                assert_eq!(status, 401);
+                assert_eq!(body, br#"{"error":"unauthorized","reason":"no token"}"#);
+            }
+            Outcome::Accepted { .. } => panic!("accepted"),
+        }
+        assert_eq!(server.await.unwrap(), format!("localhost:{}", addr.port()));
     }
 
     /// The client's close is answered by a conforming server's echo.

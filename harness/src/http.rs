@@ -1,12 +1,15 @@
-//! A minimal HTTP/1.1 client over a `TcpStream`, written by hand: one request per connection
-//! (`Connection: close`), enough for the admin API and for probing the public listener. Small
-//! on purpose: the harness must see exactly what the server sends, with nothing in between.
+//! A minimal HTTP/1.1 client over TCP (or TLS over it, for the public listener of a `tls`
+//! server), written by hand: one request per connection (`Connection: close`), enough for the
+//! admin API and for probing the public listener. Small on purpose: the harness must see
+//! exactly what the server sends, with nothing in between.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::tls::{self, TlsClient};
 
 /// The largest response the harness reads; anything beyond is an error.
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
@@ -42,17 +45,64 @@ pub struct HttpRequest<'a> {
     pub body: Option<(&'a str, Vec<u8>)>,
 }
 
-/// Sends `req` to `addr` and reads the whole response, all within `timeout`.
-pub async fn send(addr: SocketAddr, req: &HttpRequest<'_>, timeout: Duration) -> Result<HttpResponse, String> {
-    tokio::time::timeout(timeout, exchange(addr, req))
-        .await
-        .map_err(|_| format!("{} {} to {addr}: no complete response within {timeout:?}", req.method, req.path))?
+/// Why no response came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    /// The TCP connection could not be made.
+    Connect(String),
+    /// Connected, but the server ended the exchange without a complete HTTP response: a failed
+    /// TLS handshake, a close or reset, or bytes that are not HTTP (such as a TLS alert).
+    NoResponse(String),
+    /// Neither a response nor the end of the connection within the deadline.
+    Timeout(String),
 }
 
-async fn exchange(addr: SocketAddr, req: &HttpRequest<'_>) -> Result<HttpResponse, String> {
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::Connect(m) | HttpError::NoResponse(m) | HttpError::Timeout(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Sends `req` to `addr` (over TLS with `tls`) and reads the whole response, all within
+/// `timeout`.
+pub async fn send(
+    addr: SocketAddr,
+    tls: Option<&TlsClient>,
+    req: &HttpRequest<'_>,
+    timeout: Duration,
+) -> Result<HttpResponse, HttpError> {
     let what = || format!("{} {} to {addr}", req.method, req.path);
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("{}: cannot connect: {e}", what()))?;
-    let mut head = format!("{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n", req.method, req.path);
+    let deadline = Instant::now() + timeout;
+    // Connecting is its own phase: only a refused TCP connection is a `Connect` error.
+    let tcp = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| HttpError::Timeout(format!("{}: connecting timed out after {timeout:?}", what())))?
+        .map_err(|e| HttpError::Connect(format!("{}: cannot connect: {e}", what())))?;
+    let exchange = async {
+        let stream = match tls {
+            None => tls::Stream::Plain(tcp),
+            Some(client) => client
+                .handshake(tcp)
+                .await
+                .map_err(|e| HttpError::NoResponse(format!("{}: the TLS handshake failed: {e}", what())))?,
+        };
+        exchange(stream, &tls::host(addr, tls.is_some()), addr, req).await.map_err(HttpError::NoResponse)
+    };
+    tokio::time::timeout_at(deadline, exchange)
+        .await
+        .map_err(|_| HttpError::Timeout(format!("{}: no complete response within {timeout:?}", what())))?
+}
+
+async fn exchange(
+    mut stream: tls::Stream,
+    host: &str,
+    addr: SocketAddr,
+    req: &HttpRequest<'_>,
+) -> Result<HttpResponse, String> {
+    let what = || format!("{} {} to {addr}", req.method, req.path);
+    let mut head = format!("{} {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n", req.method, req.path);
     for (k, v) in &req.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -226,11 +276,54 @@ mod tests {
             headers: vec![("Authorization".into(), "Bearer x".into())],
             body: Some(("application/json", b"{}".to_vec())),
         };
-        let resp = send(addr, &req, Duration::from_secs(5)).await.unwrap();
+        let resp = send(addr, None, &req, Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status, 200);
         assert_eq!(resp.body, b"{\"id\":\"1\"}");
         let seen = server.await.unwrap();
         assert!(seen.starts_with("POST /v1/publish HTTP/1.1\r\n"), "{seen}");
         assert!(seen.contains("Content-Length: 2\r\n") && seen.contains("Authorization: Bearer x\r\n"));
+    }
+
+    /// Over TLS the request names `localhost`; plain HTTP to a TLS listener gets no response,
+    /// a closed port is a connect error, and a server that says nothing is a timeout.
+    #[tokio::test]
+    async fn tls_and_the_kinds_of_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = crate::tls::generate(dir.path(), "test").unwrap();
+        let acceptor = crate::tls::tests::acceptor(&pair);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(mut s) = acceptor.accept(tcp).await else { continue };
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let host =
+                    String::from_utf8(got).unwrap().lines().find_map(|l| l.strip_prefix("Host: ").map(String::from));
+                let body = host.unwrap_or_default();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                s.write_all(head.as_bytes()).await.unwrap();
+                s.write_all(body.as_bytes()).await.unwrap();
+                s.shutdown().await.unwrap();
+            }
+        });
+        let req = HttpRequest { method: "GET", path: "/", ..HttpRequest::default() };
+        let five = Duration::from_secs(5);
+        let resp = send(addr, Some(&pair.client), &req, five).await.unwrap();
+        assert_eq!((resp.status, resp.body), (200, format!("localhost:{}", addr.port()).into_bytes()));
+        assert!(matches!(send(addr, None, &req, five).await, Err(HttpError::NoResponse(_))));
+
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let quiet = silent.local_addr().unwrap();
+        let e = send(quiet, None, &req, Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(e, HttpError::Timeout(_)), "{e}");
+        drop(silent);
+        let e = send(quiet, None, &req, five).await.unwrap_err();
+        assert!(matches!(e, HttpError::Connect(_)), "{e}");
     }
 }

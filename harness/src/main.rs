@@ -16,6 +16,7 @@ mod report;
 mod runner;
 mod scenario;
 mod supervisor;
+mod tls;
 mod token;
 
 use std::path::{Path, PathBuf};

@@ -92,6 +92,7 @@ pub async fn open_one(addr: std::net::SocketAddr, token: String) -> Result<Conne
         path_and_query: "/ws".into(),
         headers: vec![("Authorization".into(), format!("Bearer {token}"))],
         timeout: Duration::from_secs(20),
+        tls: None,
     };
     match client::connect(&handshake, ReadMode::Reading).await? {
         Outcome::Refused { status, body, .. } => {

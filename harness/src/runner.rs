@@ -15,11 +15,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Connection, Event, Handshake, Outcome, ReadMode};
 use crate::duration::Dur;
-use crate::http::{self, HttpRequest, HttpResponse};
+use crate::http::{self, HttpError, HttpRequest, HttpResponse};
 use crate::matching::{brief, clip, matches};
 use crate::policy_dir::{PolicyDir, deep_merge};
 use crate::scenario::*;
 use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer, describe_exit};
+use crate::tls::{self, ServerTls};
 use crate::token::{self, TokenSpec};
 
 /// The default deadline of steps that wait for something.
@@ -42,8 +43,11 @@ pub struct RunConfig {
 struct ServerState {
     /// The process and its addresses.
     server: WsgateServer,
-    /// Its private policy directory (kept alive as long as the server runs).
+    /// Its private policy directory (kept alive as long as the server runs); with `tls`, its
+    /// `tls/` subdirectory holds the generated CA, certificate and key.
     dir: PolicyDir,
+    /// With `tls: true`: the generated pair and the client that trusts it.
+    tls: Option<ServerTls>,
     /// The last signal a `stop` step sent it, and when.
     signalled: Option<(StopSignal, Instant)>,
 }
@@ -148,17 +152,30 @@ impl Ctx<'_> {
             let dir = PolicyDir::create(&self.cfg.policies, spec.policy.as_ref(), &files)
                 .map_err(|e| format!("server `{name}`: {e}"))?;
             let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut args = spec.args.clone();
+            let tls = if spec.tls {
+                // Not a policy file: wsgate reads only `*.yaml` at the top and `schemas/`, `tests/`.
+                let tls = tls::generate(&dir.path().join("tls"), name).map_err(|e| format!("server `{name}`: {e}"))?;
+                self.redactor.register(format!("the TLS private key of server `{name}`"), tls.key_marker.clone());
+                args.push("--tls-cert".into());
+                args.push(tls.cert.display().to_string());
+                args.push("--tls-key".into());
+                args.push(tls.key.display().to_string());
+                Some(tls)
+            } else {
+                None
+            };
             let opts = WsgateOptions {
                 bin: &self.cfg.bin,
                 name,
                 policies: dir.path(),
-                args: &spec.args,
+                args: &args,
                 env: &env,
                 credentials: &self.credentials,
                 ready_timeout: self.cfg.ready_timeout,
             };
             let server = WsgateServer::start(&opts, Arc::clone(&self.redactor)).await?;
-            self.servers.insert(name.clone(), ServerState { server, dir, signalled: None });
+            self.servers.insert(name.clone(), ServerState { server, dir, tls, signalled: None });
         }
         Ok(())
     }
@@ -289,7 +306,9 @@ impl Ctx<'_> {
                 "connection `{name}` is still open (no close or drop was expected on it); give the new one another name"
             ));
         }
-        let ws_addr = self.server(&s.server).server.ws_addr;
+        let state = self.server(&s.server);
+        let ws_addr = state.server.ws_addr;
+        let tls = state.tls.as_ref().map(|t| t.client.clone());
         let algorithm = s.algorithm.as_deref().map(token::parse_algorithm).transpose()?;
         let spec = TokenSpec {
             kind: s.token,
@@ -335,7 +354,7 @@ impl Ctx<'_> {
             path_and_query.push_str(&format!("{}={}", percent_encode(k), percent_encode(v)));
         }
         let (until, within) = deadline(s.within);
-        let handshake = Handshake { addr: ws_addr, path_and_query, headers, timeout: within.0 };
+        let handshake = Handshake { addr: ws_addr, path_and_query, headers, timeout: within.0, tls };
         let mode = if s.silent { ReadMode::PauseAfterFirstFrame } else { ReadMode::Reading };
         let leaks_token = |text: &str| token.as_deref().is_some_and(|t| text.contains(t));
 
@@ -668,7 +687,7 @@ impl Ctx<'_> {
         };
         for n in 1..=repeat {
             let which = if repeat > 1 { format!(" (publish {n} of {repeat})") } else { String::new() };
-            let resp = http::send(admin, &req, DEFAULT_WITHIN.0).await.map_err(|e| format!("{e}{which}"))?;
+            let resp = http::send(admin, None, &req, DEFAULT_WITHIN.0).await.map_err(|e| format!("{e}{which}"))?;
             if resp.status != want {
                 return Err(format!("expected status {want}{which}, got {} {}", resp.status, body_text(&resp)));
             }
@@ -685,9 +704,11 @@ impl Ctx<'_> {
 
     async fn http(&mut self, s: &HttpStep) -> Result<(), String> {
         let state = self.server(&s.server);
-        let addr = match s.listener {
-            Listener::Ws => state.server.ws_addr,
-            Listener::Admin => state.server.admin_addr,
+        // The admin listener is always plaintext; the public one speaks TLS on a `tls` server.
+        let (addr, tls) = match s.listener {
+            Listener::Ws if s.plaintext => (state.server.ws_addr, None),
+            Listener::Ws => (state.server.ws_addr, state.tls.as_ref().map(|t| t.client.clone())),
+            Listener::Admin => (state.server.admin_addr, None),
         };
         let mut headers = s.auth.map(|a| self.admin_headers(a)).unwrap_or_default();
         headers.extend(s.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -700,9 +721,18 @@ impl Ctx<'_> {
         let req = HttpRequest { method: &method, path: &s.path, headers, body };
         let until = s.retry_within.map(|d| Instant::now() + d.0);
         loop {
-            let outcome = match http::send(addr, &req, DEFAULT_WITHIN.0).await {
-                Ok(resp) => check_http(s, &resp),
-                Err(e) => Err(e),
+            let outcome = match (http::send(addr, tls.as_ref(), &req, DEFAULT_WITHIN.0).await, s.expect_status) {
+                (Ok(resp), Some(_)) => check_http(s, &resp),
+                (Err(e), Some(_)) => Err(e.to_string()),
+                (Err(HttpError::NoResponse(_)), None) => Ok(()),
+                (Err(e @ (HttpError::Connect(_) | HttpError::Timeout(_))), None) => {
+                    Err(format!("expected the server to end the connection without a response, got: {e}"))
+                }
+                (Ok(resp), None) => Err(format!(
+                    "expected the server to end the connection without a response, got status {} {}",
+                    resp.status,
+                    body_text(&resp)
+                )),
             };
             match (outcome, until) {
                 (Ok(()), _) => return Ok(()),
@@ -725,8 +755,10 @@ fn body_text(resp: &HttpResponse) -> String {
 
 fn check_http(s: &HttpStep, resp: &HttpResponse) -> Result<(), String> {
     let what = format!("{} {}", s.method.as_deref().unwrap_or("GET").to_ascii_uppercase(), s.path);
-    if resp.status != s.expect_status {
-        return Err(format!("{what}: expected status {}, got {} {}", s.expect_status, resp.status, body_text(resp)));
+    if let Some(want) = s.expect_status
+        && resp.status != want
+    {
+        return Err(format!("{what}: expected status {want}, got {} {}", resp.status, body_text(resp)));
     }
     for (name, want) in &s.expect_headers {
         match resp.header(name) {

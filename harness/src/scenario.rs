@@ -38,6 +38,9 @@ pub struct Scenario {
     /// Shorthand for `servers: {main: {env: …}}`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Shorthand for `servers: {main: {tls: true}}`.
+    #[serde(default)]
+    pub tls: bool,
     /// The longest the whole scenario may take (default 60s).
     #[serde(default)]
     pub timeout: Option<Dur>,
@@ -61,6 +64,10 @@ pub struct ServerSpec {
     /// Extra environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Serve `wss://` with a generated certificate (`--tls-cert`/`--tls-key`); the scenario's
+    /// clients trust only its CA.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// One step. Written as a one-key mapping: `- connect: {…}`.
@@ -436,8 +443,15 @@ pub struct HttpStep {
     /// Admin credentials (default none).
     #[serde(default)]
     pub auth: Option<AdminAuth>,
+    /// To the public listener of a `tls` server: plain TCP instead of TLS.
+    #[serde(default)]
+    pub plaintext: bool,
     /// The expected status.
-    pub expect_status: u16,
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+    /// Instead of a status: the server must end the connection without an HTTP response.
+    #[serde(default)]
+    pub expect_no_response: bool,
     /// The body is JSON matching this subset.
     #[serde(default)]
     pub expect_body: Option<Value>,
@@ -559,18 +573,24 @@ impl Scenario {
     /// Folds the shorthand keys into `servers`, fills in default `server`/`conn` names and
     /// checks every reference and combination.
     fn resolve(&mut self) -> Result<(), String> {
-        let shorthand =
-            self.policy.is_some() || !self.files.is_empty() || !self.args.is_empty() || !self.env.is_empty();
+        let shorthand = self.policy.is_some()
+            || !self.files.is_empty()
+            || !self.args.is_empty()
+            || !self.env.is_empty()
+            || self.tls;
         if self.servers.is_empty() {
             let spec = ServerSpec {
                 policy: self.policy.take(),
                 files: std::mem::take(&mut self.files),
                 args: std::mem::take(&mut self.args),
                 env: std::mem::take(&mut self.env),
+                tls: std::mem::take(&mut self.tls),
             };
             self.servers.insert(DEFAULT_SERVER.to_string(), spec);
         } else if shorthand {
-            return Err("write `policy`, `files`, `args` and `env` inside `servers` when `servers` is given".into());
+            return Err(
+                "write `policy`, `files`, `args`, `env` and `tls` inside `servers` when `servers` is given".into()
+            );
         }
         for (name, spec) in &self.servers {
             if !valid_name(name) {
@@ -579,11 +599,20 @@ impl Scenario {
             if spec.policy.as_ref().is_some_and(|p| !p.is_object()) {
                 return Err(format!("server `{name}`: `policy` must be a mapping"));
             }
+            let tls_arg = spec.args.iter().find(|a| a.starts_with("--tls-cert") || a.starts_with("--tls-key"));
+            if let (true, Some(arg)) = (spec.tls, tls_arg) {
+                return Err(format!(
+                    "server `{name}`: `tls: true` generates the certificate; drop `{arg}` from `args`"
+                ));
+            }
         }
         if self.steps.is_empty() {
             return Err("a scenario needs at least one step".into());
         }
-        let servers: BTreeSet<String> = self.servers.keys().cloned().collect();
+        let servers = Servers {
+            all: self.servers.keys().cloned().collect(),
+            tls: self.servers.iter().filter(|(_, spec)| spec.tls).map(|(name, _)| name.clone()).collect(),
+        };
         let mut conns: BTreeSet<String> = BTreeSet::new();
         // Servers an `expect_exit` has seen exit, with that step's number.
         let mut exited: BTreeMap<String, usize> = BTreeMap::new();
@@ -611,7 +640,16 @@ impl Scenario {
     }
 }
 
-fn pick_server(name: &mut Option<String>, servers: &BTreeSet<String>) -> Result<(), String> {
+/// The scenario's server names, for checking steps.
+struct Servers {
+    /// Every server.
+    all: BTreeSet<String>,
+    /// Those with `tls: true`.
+    tls: BTreeSet<String>,
+}
+
+fn pick_server(name: &mut Option<String>, servers: &Servers) -> Result<(), String> {
+    let servers = &servers.all;
     match name {
         Some(n) if servers.contains(n.as_str()) => Ok(()),
         Some(n) => Err(format!("no server named `{n}` (servers: {})", list(servers))),
@@ -652,7 +690,7 @@ fn exactly_one(what: &[(&str, bool)]) -> Result<(), String> {
     if given.is_empty() { Err(format!("give one of {keys}")) } else { Err(format!("give only one of {keys}")) }
 }
 
-fn resolve_step(step: &mut Step, servers: &BTreeSet<String>, conns: &mut BTreeSet<String>) -> Result<(), String> {
+fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>) -> Result<(), String> {
     match step {
         Step::Connect(s) => {
             pick_server(&mut s.server, servers)?;
@@ -753,6 +791,21 @@ fn resolve_step(step: &mut Step, servers: &BTreeSet<String>, conns: &mut BTreeSe
             if s.json.is_some() && s.text.is_some() {
                 return Err("give only one of `json`, `text`".into());
             }
+            exactly_one(&[("expect_status", s.expect_status.is_some()), ("expect_no_response", s.expect_no_response)])?;
+            if s.expect_no_response
+                && (s.expect_body.is_some() || s.expect_text.is_some() || !s.expect_headers.is_empty())
+            {
+                return Err(
+                    "`expect_body`, `expect_text` and `expect_headers` need a response (`expect_status`)".into()
+                );
+            }
+            let tls = s.server.as_ref().is_some_and(|n| servers.tls.contains(n));
+            if s.plaintext && (s.listener != Listener::Ws || !tls) {
+                return Err(
+                    "`plaintext` is for the `ws` listener of a `tls: true` server; everything else is plaintext already"
+                        .into(),
+                );
+            }
             Ok(())
         }
         Step::EditPolicy(s) => {
@@ -844,6 +897,32 @@ steps:
         assert!(kinds.contains(&"edit_policy") && kinds.contains(&"resume_reading"));
         let Step::ExpectNoFrame(n) = &s.steps[12] else { panic!() };
         assert_eq!(n.duration, Some(Dur::millis(500)));
+    }
+
+    #[test]
+    fn tls_servers_and_plaintext_http() {
+        let s = parse("tls: true\nsteps:\n  - http: {path: /ws, plaintext: true, expect_no_response: true}\n").unwrap();
+        assert!(s.servers["main"].tls);
+        let Step::Http(h) = &s.steps[0] else { panic!() };
+        assert!(h.plaintext && h.expect_no_response && h.expect_status.is_none());
+        let two = "servers: {a: {tls: true}, b: {}}\nsteps:\n";
+        parse(&format!("{two}  - http: {{server: a, path: /, plaintext: true, expect_status: 400}}\n")).unwrap();
+        for step in [
+            "{server: b, path: /, plaintext: true, expect_status: 404}",
+            "{server: a, listener: admin, path: /, plaintext: true, expect_status: 404}",
+        ] {
+            let e = err(&format!("{two}  - http: {step}\n"));
+            assert!(e.contains("`plaintext` is for the `ws` listener of a `tls: true` server"), "{e}");
+        }
+        let e = err("tls: true\nservers: {a: {}}\nsteps:\n  - wait: 1s\n");
+        assert!(e.contains("inside `servers`"), "{e}");
+        let e = err("tls: true\nargs: [--tls-cert, x.pem]\nsteps:\n  - wait: 1s\n");
+        assert!(e.contains("drop `--tls-cert`"), "{e}");
+        assert!(err("steps:\n  - http: {path: /}\n").contains("give one of `expect_status`, `expect_no_response`"));
+        let both = "steps:\n  - http: {path: /, expect_status: 200, expect_no_response: true}\n";
+        assert!(err(both).contains("give only one"));
+        let e = err("steps:\n  - http: {path: /, expect_no_response: true, expect_text: x}\n");
+        assert!(e.contains("need a response"), "{e}");
     }
 
     #[test]
