@@ -96,10 +96,7 @@ pub async fn serve(
         let tls = options.tls.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            match tls {
-                None => handle(stream, peer, gw).await,
-                Some(tls) => handle_tls(stream, peer, gw, &tls).await,
-            }
+            connection(stream, peer, gw, tls).await;
             drop(permit);
             drop(done);
         });
@@ -119,13 +116,7 @@ pub async fn serve(
                 break;
             }
             (stream, peer) = accept(&listeners.ws) => {
-                let (gw, tls) = (gw.clone(), options.tls.clone());
-                tokio::spawn(async move {
-                    match tls {
-                        None => handle(stream, peer, gw).await,
-                        Some(tls) => handle_tls(stream, peer, gw, &tls).await,
-                    }
-                });
+                tokio::spawn(connection(stream, peer, gw.clone(), options.tls.clone()));
             }
         }
     }
@@ -177,6 +168,15 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// One accepted TCP connection, plaintext or TLS. The TLS path is boxed: its state (rustls and
+/// the TLS stream) would otherwise size the task of every plaintext connection too.
+pub async fn connection(stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, tls: Option<Arc<Tls>>) {
+    match tls {
+        None => handle(stream, peer, gw).await,
+        Some(tls) => Box::pin(handle_tls(stream, peer, gw, &tls)).await,
     }
 }
 

@@ -415,6 +415,13 @@ async fn a_connection_task_stays_small() {
     let task = wsgate::server::handle(server, "127.0.0.1:1".parse().unwrap(), gw);
     let size = std::mem::size_of_val(&task);
     assert!(size <= 1024, "a connection's task is {size} bytes");
+    // What the accept loop spawns for a real socket, with TLS possible.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (stream, peer) = listener.accept().await.unwrap();
+    let task = wsgate::server::connection(stream, peer, gateway(same), None);
+    let size = std::mem::size_of_val(&task);
+    assert!(size <= 1024, "an accepted connection's task is {size} bytes");
 }
 
 #[tokio::test]
