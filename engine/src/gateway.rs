@@ -53,15 +53,6 @@ impl GatewayOptions {
     }
 }
 
-/// The spike window for recording: the literal `connections.spike.per`, or 10 s when it is CEL
-/// (the detector evaluates the expression when it checks).
-fn spike_window(policy: &Policy) -> std::time::Duration {
-    match &policy.connections.spike.per {
-        crate::policy::Limit::Literal(per) => *per,
-        crate::policy::Limit::Expr { .. } => std::time::Duration::from_secs(10),
-    }
-}
-
 /// How long revocations last unless configured: one day.
 pub const DEFAULT_REVOCATION_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
@@ -118,6 +109,9 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway serving `policy` with the embedded broker.
     pub fn new(policy: Arc<Policy>, options: GatewayOptions) -> Arc<Gateway> {
+        // The spike window until the first check evaluates `connections.spike` again.
+        let spike_window = crate::policy::decision::spike_threshold(&policy, std::time::SystemTime::now())
+            .map_or(std::time::Duration::from_secs(10), |(_, per)| per);
         let metrics = Arc::new(Metrics::default());
         metrics.policy_generation.store(policy.generation, std::sync::atomic::Ordering::Relaxed);
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
@@ -133,7 +127,7 @@ impl Gateway {
             reconnects: KeyedWindows::default(),
             per_ip: Arc::default(),
             handshaking: Arc::default(),
-            handshake_rate: std::sync::Mutex::new(RateEstimator::new(tokio::time::Instant::now())),
+            handshake_rate: std::sync::Mutex::new(RateEstimator::new(tokio::time::Instant::now(), spike_window)),
             phase: watch::channel(Phase::Running).0,
             options,
             next_session: AtomicU64::new(1),
@@ -170,10 +164,9 @@ impl Gateway {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Counts a handshake attempt for the spike detector.
+    /// Counts a handshake attempt for the spike detector (in the window the last check used).
     pub fn record_handshake(&self) {
-        let per = spike_window(&self.policy());
-        self.handshake_rate.lock().unwrap_or_else(|e| e.into_inner()).record(tokio::time::Instant::now(), per);
+        self.handshake_rate.lock().unwrap_or_else(|e| e.into_inner()).record(tokio::time::Instant::now());
     }
 
     /// Updates `wsgate_connection_spike` from the handshake rate and the policy's

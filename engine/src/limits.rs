@@ -95,6 +95,8 @@ impl<K: Hash + Eq + Clone> KeyedWindows<K> {
 /// rate, for thresholds that may be in the millions (the connection-spike detector).
 #[derive(Debug)]
 pub struct RateEstimator {
+    /// The window, as last given to [`RateEstimator::estimate`]; events are recorded in it.
+    per: Duration,
     /// Start of the current fixed window.
     start: Instant,
     /// Events in the current window.
@@ -104,13 +106,13 @@ pub struct RateEstimator {
 }
 
 impl RateEstimator {
-    /// An estimator starting at `now`.
-    pub fn new(now: Instant) -> RateEstimator {
-        RateEstimator { start: now, current: 0, previous: 0 }
+    /// An estimator over windows of `per`, starting at `now`.
+    pub fn new(now: Instant, per: Duration) -> RateEstimator {
+        RateEstimator { per, start: now, current: 0, previous: 0 }
     }
 
-    fn roll(&mut self, now: Instant, per: Duration) {
-        let per = per.max(Duration::from_millis(1));
+    fn roll(&mut self, now: Instant) {
+        let per = self.per.max(Duration::from_millis(1));
         let elapsed = now.saturating_duration_since(self.start);
         if elapsed >= per * 2 {
             self.previous = 0;
@@ -124,14 +126,16 @@ impl RateEstimator {
     }
 
     /// Records one event at `now`.
-    pub fn record(&mut self, now: Instant, per: Duration) {
-        self.roll(now, per);
+    pub fn record(&mut self, now: Instant) {
+        self.roll(now);
         self.current += 1;
     }
 
-    /// Events in the window `(now - per, now]`, estimated.
+    /// Events in the window `(now - per, now]`, estimated; `per` becomes the window from now on
+    /// (a policy may change it).
     pub fn estimate(&mut self, now: Instant, per: Duration) -> f64 {
-        self.roll(now, per);
+        self.per = per;
+        self.roll(now);
         let into = now.saturating_duration_since(self.start).as_secs_f64() / per.as_secs_f64().max(1e-3);
         self.previous as f64 * (1.0 - into.min(1.0)) + self.current as f64
     }
@@ -295,9 +299,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_rate_estimate_follows_bursts_and_decays() {
         let per = Duration::from_secs(10);
-        let mut r = RateEstimator::new(Instant::now());
+        let mut r = RateEstimator::new(Instant::now(), per);
         for _ in 0..100 {
-            r.record(Instant::now(), per);
+            r.record(Instant::now());
         }
         assert_eq!(r.estimate(Instant::now(), per), 100.0);
         tokio::time::advance(Duration::from_secs(15)).await;
@@ -307,7 +311,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(r.estimate(Instant::now(), per), 0.0);
         tokio::time::advance(Duration::from_secs(1000)).await;
-        r.record(Instant::now(), per);
+        r.record(Instant::now());
         assert_eq!(r.estimate(Instant::now(), per), 1.0, "a long pause forgets everything");
     }
 

@@ -177,10 +177,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
         if tls.is_some() {
             tracing::info!(address = %ws_addr, "serving wss:// (TLS 1.2 and 1.3); SIGHUP re-reads the certificate");
         }
-        if let Some(secret) = &dev_secret {
-            print_dev_token(secret, ws_addr);
-        } else if args.dev
-            && let Some(secret) = process_env(DEV_SECRET_ENV)
+        // The secret the policy was compiled with: the ephemeral one, or the environment's.
+        if args.dev
+            && let Some(secret) = dev_secret.or_else(|| process_env(DEV_SECRET_ENV))
         {
             print_dev_token(&secret, ws_addr);
         }
