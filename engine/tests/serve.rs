@@ -125,13 +125,25 @@ async fn dev_mode_prints_a_ready_token_that_connects() {
     assert_eq!(status.code(), Some(0));
 }
 
-#[tokio::test]
-async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
+/// A server with the default policy, and one client that never reads: it never answers the
+/// server's 1001, so it holds the drain open.
+struct Lingering {
+    child: Child,
+    ws_addr: String,
+    admin_addr: String,
+    url: String,
+    client: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+async fn with_a_lingering_client(drain_timeout: &str) -> Lingering {
     let dir = common::default_policy_dir();
-    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--drain-timeout", "20s"]].concat();
+    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--drain-timeout", drain_timeout]].concat();
     let mut child = spawn(serve(&args, Some(common::SECRET)));
-    let (lines, _rest) = first_lines(&mut child, 1);
-    let ws_addr = lines[0].split_whitespace().nth(2).unwrap().strip_prefix("ws=").unwrap().to_string();
+    let (lines, stdout) = first_lines(&mut child, 1);
+    let mut addrs = lines[0].split_whitespace().skip(2);
+    let ws_addr = addrs.next().unwrap().strip_prefix("ws=").unwrap().to_string();
+    let admin_addr = addrs.next().unwrap().strip_prefix("admin=").unwrap().to_string();
     let token = wsgate::token::mint(
         common::SECRET.as_bytes(),
         "alice",
@@ -141,9 +153,14 @@ async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
     )
     .unwrap();
     let url = format!("ws://{ws_addr}/ws?token={token}");
-    // A client that does not read: it never answers the 1001, so the drain lasts.
     let tcp = tokio::net::TcpStream::connect(&ws_addr).await.unwrap();
-    let (lingering, _) = tokio_tungstenite::client_async(url.as_str(), tcp).await.unwrap();
+    let (client, _) = tokio_tungstenite::client_async(url.as_str(), tcp).await.unwrap();
+    Lingering { child, ws_addr, admin_addr, url, client, _stdout: stdout }
+}
+
+#[tokio::test]
+async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
+    let Lingering { mut child, ws_addr, url, client: lingering, .. } = with_a_lingering_client("20s").await;
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -166,28 +183,11 @@ async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
 
 #[tokio::test]
 async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
-    let dir = common::default_policy_dir();
-    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--drain-timeout", "60s"]].concat();
-    let mut child = spawn(serve(&args, Some(common::SECRET)));
-    let (lines, _rest) = first_lines(&mut child, 1);
-    let ws_addr = lines[0].split_whitespace().nth(2).unwrap().strip_prefix("ws=").unwrap().to_string();
-    let token = wsgate::token::mint(
-        common::SECRET.as_bytes(),
-        "alice",
-        Duration::from_secs(600),
-        &[],
-        std::time::SystemTime::now(),
-    )
-    .unwrap();
-    // A client that never answers the 1001 would hold the drain for its whole timeout.
-    let tcp = tokio::net::TcpStream::connect(&ws_addr).await.unwrap();
-    let (_lingering, _) =
-        tokio_tungstenite::client_async(format!("ws://{ws_addr}/ws?token={token}"), tcp).await.unwrap();
+    let Lingering { mut child, admin_addr: admin, client: _lingering, .. } = with_a_lingering_client("60s").await;
     let pid = child.id().to_string();
     let started = tokio::time::Instant::now();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     // Wait until the first signal has been taken (the admin listener reports draining).
-    let admin = lines[0].split_whitespace().nth(3).unwrap().strip_prefix("admin=").unwrap().to_string();
     loop {
         let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();

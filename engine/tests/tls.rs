@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -56,26 +56,51 @@ impl Pki {
     }
 }
 
-fn start(dir: &Path) -> (Child, String, String) {
-    let policies = common::default_policy_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--policies"])
-        .arg(&policies)
+/// `wsgate serve` with the default policy and the pair in `dir`, listening on `listen`.
+fn serve_tls(dir: &Path, listen: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    cmd.args(["serve", "--listen", listen, "--admin-listen", "127.0.0.1:0", "--policies"])
+        .arg(common::default_policy_dir())
         .arg("--tls-cert")
         .arg(dir.join("cert.pem"))
         .arg("--tls-key")
         .arg(dir.join("key.pem"))
-        .env("WSGATE_JWT_SECRET", common::SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env("WSGATE_JWT_SECRET", common::SECRET);
+    cmd
+}
+
+/// A running server: the process, its addresses, and its log lines as they come.
+struct Server {
+    child: Child,
+    ws: String,
+    admin: String,
+    log: mpsc::Receiver<String>,
+}
+
+fn start(dir: &Path, listen: &str) -> Server {
+    let mut child = serve_tls(dir, listen).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, log) = mpsc::channel();
+    std::thread::spawn(move || stderr.lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let mut parts = line.split_whitespace().skip(2);
     let ws = parts.next().unwrap().strip_prefix("ws=").unwrap().to_string();
     let admin = parts.next().unwrap().strip_prefix("admin=").unwrap().to_string();
-    (child, ws, admin)
+    Server { child, ws, admin, log }
+}
+
+/// Waits (bounded) for a log line containing `text`.
+fn wait_for_log(log: &mpsc::Receiver<String>, text: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return,
+            Ok(_) => {}
+            Err(_) => panic!("no log line with `{text}` within 10 s"),
+        }
+    }
 }
 
 /// Connects over TLS and returns the server certificate's DER and the welcome frame.
@@ -105,7 +130,7 @@ async fn wss_with_a_generated_certificate_rotated_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
     pki.write_leaf(dir.path(), "first");
-    let (child, ws, admin) = start(dir.path());
+    let Server { child, ws, admin, log } = start(dir.path(), "127.0.0.1:0");
 
     let (first, welcome) = wss_welcome(&pki, &ws).await;
     assert_eq!(welcome["user"], "alice");
@@ -134,7 +159,7 @@ async fn wss_with_a_generated_certificate_rotated_on_sighup() {
     // A broken pair on SIGHUP is refused; the current certificate stays in service.
     std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
     assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_log(&log, "the TLS certificate could not be re-read");
     let (_, welcome) = wss_welcome(&pki, &ws).await;
     assert_eq!(welcome["type"], "welcome");
     stop(child);
@@ -149,36 +174,14 @@ fn a_bad_certificate_pair_exits_64() {
     pki.write_leaf(other.path(), "other");
     // The key of another certificate.
     std::fs::copy(other.path().join("key.pem"), dir.path().join("key.pem")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--policies"])
-        .arg(common::default_policy_dir())
-        .arg("--tls-cert")
-        .arg(dir.path().join("cert.pem"))
-        .arg("--tls-key")
-        .arg(dir.path().join("key.pem"))
-        .env("WSGATE_JWT_SECRET", common::SECRET)
-        .output()
-        .unwrap();
+    let out = serve_tls(dir.path(), "127.0.0.1:0").output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("TLS:"));
     // With TLS a public address is fine (the admin listener stays on loopback).
     pki.write_leaf(dir.path(), "first");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--policies"])
-        .arg(common::default_policy_dir())
-        .arg("--tls-cert")
-        .arg(dir.path().join("cert.pem"))
-        .arg("--tls-key")
-        .arg(dir.path().join("key.pem"))
-        .env("WSGATE_JWT_SECRET", common::SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("wsgate listening ws=0.0.0.0:"), "{line}");
-    stop(child);
+    let server = start(dir.path(), "0.0.0.0:0");
+    assert!(server.ws.starts_with("0.0.0.0:"), "{}", server.ws);
+    stop(server.child);
 }
 
 fn stop(mut child: Child) {
