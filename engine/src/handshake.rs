@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tungstenite::handshake::derive_accept_key;
 
 use crate::auth::{self, SUBPROTOCOL};
 use crate::close::Refusal;

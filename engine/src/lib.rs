@@ -26,6 +26,7 @@ pub mod sessions;
 pub mod startup;
 pub mod tls;
 pub mod token;
+pub mod ws;
 
 pub use gateway::{Gateway, GatewayOptions};
 pub use server::{Listeners, ServeOptions, serve};

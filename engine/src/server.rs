@@ -17,9 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, timeout};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::protocol::WebSocketConfig;
 
+use crate::ws::WebSocket;
 use crate::close::Refusal;
 use crate::gateway::{Gateway, Phase};
 use crate::http::{self, ReadError};
@@ -263,7 +263,7 @@ where
     // Frames the client sent right after its request; the rest of the request is freed.
     let early = std::mem::take(&mut request.rest);
     drop(request);
-    let ws = WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await;
+    let ws = WebSocket::from_partially_read(stream, early, config);
     Some(session::open(ws, admitted, gw))
 }
 

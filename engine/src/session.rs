@@ -23,14 +23,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::auth;
 use crate::broker::Delivery;
@@ -43,6 +41,7 @@ use crate::limits::IpSlot;
 use crate::pipeline::{Decision, Frame, Pipeline};
 use crate::policy::{ConnContext, ConnInfo, Policy, RequestInfo};
 use crate::sessions::{Control, Mailbox};
+use crate::ws::WebSocket;
 
 /// Deliveries queued for one client before it counts as a slow consumer (4008).
 pub const OUTBOX_CAPACITY: usize = 256;
@@ -106,7 +105,7 @@ pub struct Session<S> {
     /// Shared instance state.
     gw: Arc<Gateway>,
     /// The socket.
-    ws: WebSocketStream<S>,
+    ws: WebSocket<S>,
     /// Frames to send once the current handler is done.
     out: Vec<Message>,
     /// Process-unique number (registry and hub key).
@@ -144,7 +143,7 @@ pub struct Session<S> {
 /// Builds the session, registers it (replacing older ones of the user), subscribes it to
 /// `alerts` and `user:<id>` and queues the welcome frame. Synchronous, so that nothing of the
 /// handshake stays in the connection's task.
-pub fn open<S>(ws: WebSocketStream<S>, admitted: Admitted, gw: Arc<Gateway>) -> Box<Session<S>>
+pub fn open<S>(ws: WebSocket<S>, admitted: Admitted, gw: Arc<Gateway>) -> Box<Session<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {

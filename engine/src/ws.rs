@@ -1,0 +1,257 @@
+//! WebSocket framing over an async byte stream, driven from the connection's own task.
+//!
+//! tungstenite's [`WebSocketContext`] is the protocol state machine; it reads and writes
+//! through whatever `Read + Write` it is handed per call. Here that is the socket borrowed
+//! together with the task's [`Context`], so "would block" means "registered for a wake-up"
+//! and nothing has to be stored between polls. Owning this layer (instead of
+//! tokio-tungstenite's stream) lets a policy reload change a live connection's frame and
+//! message limits ([`WebSocket::set_max_bytes`]), which tokio-tungstenite cannot.
+//!
+//! Only the server side of an upgrade this crate answered itself is supported, and one task
+//! drives each connection (there is no split into halves).
+
+use std::future::poll_fn;
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Error, Message};
+
+/// One server-side WebSocket connection.
+pub struct WebSocket<S> {
+    stream: S,
+    protocol: WebSocketContext,
+    /// The connection is over: it was closed or failed, and the error was already returned.
+    ended: bool,
+}
+
+impl<S> WebSocket<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A connection whose upgrade has been answered; `early` holds bytes read after the
+    /// request head (a client may send its first frames right behind it).
+    pub fn from_partially_read(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocket<S> {
+        WebSocket { stream, protocol: WebSocketContext::from_partially_read(early, Role::Server, Some(config)), ended: false }
+    }
+
+    /// Sets the largest message and frame accepted from now on; a larger one fails the read
+    /// with [`Error::Capacity`] before its payload is buffered.
+    pub fn set_max_bytes(&mut self, max_bytes: usize) {
+        self.protocol.set_config(|c| {
+            c.max_message_size = Some(max_bytes);
+            c.max_frame_size = Some(max_bytes);
+        });
+    }
+
+    /// The largest message currently accepted.
+    pub fn max_bytes(&self) -> Option<usize> {
+        self.protocol.get_config().max_message_size
+    }
+
+    /// The next message; `None` once the connection is over. Answers pings and echoes the
+    /// client's close by itself. Cancel-safe: a partly read frame stays buffered.
+    pub async fn next(&mut self) -> Option<Result<Message, Error>> {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.io(cx, |protocol, io| protocol.read(io)) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(message))),
+            Poll::Ready(Err(e)) => {
+                self.ended = true;
+                match e {
+                    Error::ConnectionClosed | Error::AlreadyClosed => Poll::Ready(None),
+                    e => Poll::Ready(Some(Err(e))),
+                }
+            }
+        }
+    }
+
+    /// Sends one message and flushes it.
+    pub async fn send(&mut self, message: Message) -> Result<(), Error> {
+        let mut message = Some(message);
+        poll_fn(|cx| {
+            if let Some(message) = message.take() {
+                // "Would block" here means the frame is queued; flushing writes it out.
+                if let Poll::Ready(Err(e)) = self.io(cx, |protocol, io| protocol.write(io, message)) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            self.poll_flush(cx)
+        })
+        .await
+    }
+
+    /// Writes out everything queued, including automatic pong and close replies.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        match self.io(cx, |protocol, io| protocol.flush(io)) {
+            // The close handshake just completed: nothing more to write, not an error.
+            Poll::Ready(Err(Error::ConnectionClosed)) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+
+    /// Starts the close handshake with `frame` and writes it out. The client's answer
+    /// arrives through [`next`](Self::next).
+    pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<(), Error> {
+        let mut frame = Some(frame);
+        poll_fn(|cx| {
+            if let Some(frame) = frame.take() {
+                match self.io(cx, |protocol, io| protocol.close(io, frame)) {
+                    Poll::Ready(Err(Error::ConnectionClosed)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+            self.poll_flush(cx)
+        })
+        .await
+    }
+
+    /// Runs one protocol call over the socket, with "would block" turned into `Pending`.
+    fn io<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        call: impl FnOnce(&mut WebSocketContext, &mut Io<'_, '_, S>) -> Result<T, Error>,
+    ) -> Poll<Result<T, Error>> {
+        let mut io = Io { stream: &mut self.stream, cx };
+        match call(&mut self.protocol, &mut io) {
+            Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+            other => Poll::Ready(other),
+        }
+    }
+}
+
+/// The socket as blocking-style I/O for one call: `Pending` becomes `WouldBlock`, with the
+/// task registered to be woken when the socket is ready.
+struct Io<'a, 'b, S> {
+    stream: &'a mut S,
+    cx: &'a mut Context<'b>,
+}
+
+impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
+            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match Pin::new(&mut *self.stream).poll_flush(self.cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// A masked client frame (RFC 6455 §5.2) with a zero mask, so the payload reads as is.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    fn config(max: usize) -> WebSocketConfig {
+        WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max))
+    }
+
+    #[tokio::test]
+    async fn reads_early_bytes_then_the_socket_and_answers_pings() {
+        let (server, mut client) = duplex(4096);
+        let mut ws = WebSocket::from_partially_read(server, client_frame(1, b"first"), config(1024));
+        client.write_all(&client_frame(9, b"p")).await.unwrap();
+        client.write_all(&client_frame(1, b"second")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("first"));
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Ping("p".into()));
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("second"));
+        ws.flush().await.unwrap();
+        let mut pong = [0u8; 3];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0x8A, 1, b'p']);
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_refuses_the_next_larger_message() {
+        let (server, mut client) = duplex(8192);
+        let mut ws = WebSocket::from_partially_read(server, Vec::new(), config(4096));
+        client.write_all(&client_frame(1, &[b'a'; 2000])).await.unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.len() == 2000));
+        ws.set_max_bytes(1024);
+        assert_eq!(ws.max_bytes(), Some(1024));
+        client.write_all(&client_frame(1, &[b'a'; 2000])).await.unwrap();
+        assert!(matches!(ws.next().await, Some(Err(Error::Capacity(_)))));
+        assert!(ws.next().await.is_none(), "a failed connection is over");
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_accepts_what_the_old_one_refused() {
+        let (server, mut client) = duplex(8192);
+        let mut ws = WebSocket::from_partially_read(server, Vec::new(), config(1024));
+        ws.set_max_bytes(4096);
+        client.write_all(&client_frame(1, &[b'a'; 2000])).await.unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.len() == 2000));
+    }
+
+    #[tokio::test]
+    async fn send_waits_for_a_full_pipe_and_close_completes_the_handshake() {
+        let (server, mut client) = duplex(64);
+        let mut ws = WebSocket::from_partially_read(server, Vec::new(), config(1024));
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 16];
+            // Read slowly until the close frame (0x88) has arrived, then answer it.
+            loop {
+                let n = client.read(&mut buf).await.unwrap();
+                all.extend_from_slice(&buf[..n]);
+                if let Some(i) = all.iter().position(|&b| b == 0x88)
+                    && all.len() >= i + 4
+                {
+                    client.write_all(&client_frame(8, &[0x03, 0xE8])).await.unwrap();
+                    return all;
+                }
+            }
+        });
+        ws.send(Message::text("x".repeat(300))).await.unwrap();
+        ws.close(Some(CloseFrame { code: 1000.into(), reason: "".into() })).await.unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Close(_))) | None));
+        let written = reader.await.unwrap();
+        assert_eq!(written[0], 0x81, "a final text frame first");
+        assert_eq!(&written[4..304], "x".repeat(300).as_bytes());
+    }
+}
