@@ -15,6 +15,7 @@ use crate::broker::Delivery;
 use crate::close::CloseCode;
 use crate::gateway::{Gateway, Phase};
 use crate::http::{self, Request};
+use crate::reload::{Outcome, Trigger};
 
 /// Largest admin request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -70,7 +71,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
         ("GET", "/v1/policy") => policy(&gw),
         ("POST", "/v1/policy/reload") => match authorize(&gw, &request) {
             Err(r) => r,
-            Ok(()) => error(501, "not_implemented", "live policy reload is not part of this build yet"),
+            Ok(()) => reload(&gw).await,
         },
         ("POST", path @ ("/v1/publish" | "/v1/disconnect")) => match authorize(&gw, &request) {
             Err(r) => r,
@@ -143,21 +144,47 @@ async fn publish(gw: &Gateway, body: &[u8]) -> Reply {
     }
 }
 
-/// `GET /v1/policy`: what is being enforced.
+/// `GET /v1/policy`: what is being enforced, and how the last reload went.
 fn policy(gw: &Gateway) -> Reply {
     let p = gw.policy();
-    let loaded_at: chrono::DateTime<chrono::Utc> = p.loaded_at.into();
+    let history = gw.reloads.history();
+    let last_reload =
+        history.last.map(|r| json!({"outcome": r.outcome, "trigger": r.trigger.as_str(), "at": rfc3339(r.at)}));
+    let (last_error, last_error_at) = match history.last_error {
+        Some(e) => (json!(e.errors.join("\n")), json!(rfc3339(e.at))),
+        None => (Value::Null, Value::Null),
+    };
     reply(
         200,
         json!({
             "generation": p.generation,
             "content_hash": p.content_hash,
-            "loaded_at": loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "loaded_at": rfc3339(p.loaded_at),
             "sources": p.sources,
-            "last_error": null,
-            "last_error_at": null,
+            "last_error": last_error,
+            "last_error_at": last_error_at,
+            "last_reload": last_reload,
         }),
     )
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// `POST /v1/policy/reload`: reloads now and answers how it went — 200 with the active
+/// generation (`reloaded` or `unchanged`), or 422 with every error (the old policy stays).
+async fn reload(gw: &Gateway) -> Reply {
+    match crate::reload::reload(gw, Trigger::Admin).await {
+        Outcome::Applied { generation, content_hash } => {
+            reply(200, json!({"outcome": "reloaded", "generation": generation, "content_hash": content_hash}))
+        }
+        Outcome::Unchanged { generation } => reply(200, json!({"outcome": "unchanged", "generation": generation})),
+        Outcome::Refused { errors } => {
+            reply(422, json!({"outcome": "refused", "generation": gw.policy().generation, "errors": errors}))
+        }
+        Outcome::NoSource => error(409, "no_policy_directory", "this gateway's policy was not read from a directory"),
+    }
 }
 
 /// `POST /v1/disconnect {"user": "...", "reason": "logout", "revoke_tokens": true}`: closes the

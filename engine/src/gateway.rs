@@ -2,17 +2,18 @@
 //! broker, the session registry, the limiters and the lifecycle phase. Everything else about a
 //! connection lives in its own task ([`crate::session`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
 use crate::auth::Revocations;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
-use crate::limits::{IpCounter, KeyedWindows, RateEstimator};
+use crate::limits::{IpCounter, KeyedWindows, Pacer, RateEstimator};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::reload::{PolicyDir, Reloads};
 use crate::sessions::Registry;
 
 /// Where the server is in its life: running → draining → closed, never back. Connections watch
@@ -39,6 +40,8 @@ pub struct GatewayOptions {
     pub failpoint: Option<Failpoint>,
     /// How long a token revocation lasts: the longest lifetime of the tokens in use.
     pub revocation_ttl: std::time::Duration,
+    /// Where the policy was read from, for reloads (`None`: a policy built in memory).
+    pub policy_dir: Option<PolicyDir>,
 }
 
 impl GatewayOptions {
@@ -49,9 +52,17 @@ impl GatewayOptions {
             admin_token: None,
             failpoint: None,
             revocation_ttl: DEFAULT_REVOCATION_TTL,
+            policy_dir: None,
         }
     }
 }
+
+/// Live connections a reload denies are closed at most this fast, after a first burst of
+/// [`RELOAD_CLOSE_BURST`]: 10,000 denied connections close over ten seconds, not in one tick
+/// (and do not all reconnect in the same one).
+pub const RELOAD_CLOSES_PER_SECOND: u32 = 1000;
+/// Denied connections closed at once after a reload.
+pub const RELOAD_CLOSE_BURST: u32 = 100;
 
 /// How long revocations last unless configured: one day.
 pub const DEFAULT_REVOCATION_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
@@ -75,8 +86,11 @@ impl Failpoint {
 /// One instance's shared state.
 pub struct Gateway {
     /// The policy every new handshake and message is decided under. A reload replaces the
-    /// `Arc` whole; readers clone it and decide entirely under that one generation.
-    policy: RwLock<Arc<Policy>>,
+    /// `Arc` whole; readers clone it and decide entirely under that one generation. Sessions
+    /// watch it to move to a new generation.
+    policy: watch::Sender<Arc<Policy>>,
+    /// Reload turns and history.
+    pub reloads: Reloads,
     /// Instance settings.
     pub options: GatewayOptions,
     /// Every metric (SPEC §8).
@@ -100,6 +114,8 @@ pub struct Gateway {
     pub handshaking: Arc<IpCounter>,
     /// Handshake attempts, for the connection-spike detector.
     pub handshake_rate: std::sync::Mutex<RateEstimator>,
+    /// Paces the 4003 closes of live connections a reloaded policy no longer admits.
+    pub reload_closes: Pacer,
     /// The lifecycle phase; sessions hold receivers.
     phase: watch::Sender<Phase>,
     /// Next session number.
@@ -117,7 +133,8 @@ impl Gateway {
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
         let backplane = Arc::new(LocalBackplane::new(hub.clone()));
         Arc::new(Gateway {
-            policy: RwLock::new(policy),
+            policy: watch::channel(policy).0,
+            reloads: Reloads::default(),
             metrics,
             hub,
             backplane,
@@ -128,6 +145,7 @@ impl Gateway {
             per_ip: Arc::default(),
             handshaking: Arc::default(),
             handshake_rate: std::sync::Mutex::new(RateEstimator::new(tokio::time::Instant::now(), spike_window)),
+            reload_closes: Pacer::new(RELOAD_CLOSES_PER_SECOND, RELOAD_CLOSE_BURST),
             phase: watch::channel(Phase::Running).0,
             options,
             next_session: AtomicU64::new(1),
@@ -136,12 +154,19 @@ impl Gateway {
 
     /// The active policy.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy.borrow().clone()
     }
 
-    /// Replaces the active policy (the reload path swaps here).
+    /// Makes `policy` the active one, in one swap: every handshake from now on and every
+    /// session's next event see it (the reload path ends here).
     pub fn set_policy(&self, policy: Arc<Policy>) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+        self.metrics.policy_generation.store(policy.generation, Ordering::Relaxed);
+        self.policy.send_replace(policy);
+    }
+
+    /// A receiver that sees every policy swap; sessions select on it.
+    pub fn watch_policy(&self) -> watch::Receiver<Arc<Policy>> {
+        self.policy.subscribe()
     }
 
     /// The current phase.

@@ -20,12 +20,14 @@ pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sessions;
 pub mod startup;
 pub mod tls;
 pub mod token;
+pub mod watcher;
 pub mod ws;
 
 pub use gateway::{Gateway, GatewayOptions};

@@ -141,6 +141,34 @@ impl RateEstimator {
     }
 }
 
+/// Spreads events over time: the first `burst` at once, then one every `interval`. A policy
+/// reload that denies thousands of live connections closes them through one of these, so
+/// they never all close (and reconnect) in the same tick.
+#[derive(Debug)]
+pub struct Pacer {
+    /// When the next event may happen, burst aside.
+    next: Mutex<Option<Instant>>,
+    interval: Duration,
+    burst: Duration,
+}
+
+impl Pacer {
+    /// A pacer allowing `burst` events at once, then `per_second`.
+    pub fn new(per_second: u32, burst: u32) -> Pacer {
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        Pacer { next: Mutex::new(None), interval, burst: interval * burst.saturating_sub(1) }
+    }
+
+    /// Books the next slot: when the caller's event may happen (`now` or later).
+    pub fn slot(&self, now: Instant) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let at = next.map_or(now, |n| n.max(now));
+        *next = Some(at + self.interval);
+        // Within the burst, at once; beyond it, spaced by the interval.
+        at.checked_sub(self.burst).map_or(now, |t| t.max(now))
+    }
+}
+
 /// Live connections per client IP.
 #[derive(Debug, Default)]
 pub struct IpCounter {
@@ -204,6 +232,20 @@ impl Drop for IpSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pacer_lets_a_burst_through_then_spaces_the_rest() {
+        let pacer = Pacer::new(1000, 100);
+        let now = Instant::now();
+        let slots: Vec<Instant> = (0..1100).map(|_| pacer.slot(now)).collect();
+        assert!(slots[..100].iter().all(|&s| s == now), "the burst goes at once");
+        assert_eq!(slots[100], now + Duration::from_millis(1));
+        assert_eq!(slots[1099], now + Duration::from_millis(1000), "1000 more take a second");
+        assert!(slots.windows(2).all(|w| w[0] <= w[1]));
+        // Once idle for long enough, a new burst goes at once again.
+        let later = now + Duration::from_secs(5);
+        assert_eq!(pacer.slot(later), later);
+    }
     use proptest::prelude::*;
 
     /// The model: an event is admitted iff fewer than `max` admitted events lie in

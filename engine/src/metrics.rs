@@ -104,6 +104,8 @@ pub struct Metrics {
     pub reloads_ok: AtomicU64,
     /// `wsgate_policy_reloads_total{outcome="error"}`.
     pub reloads_error: AtomicU64,
+    /// `wsgate_policy_reloads_total{outcome="unchanged"}`: the files held the active policy.
+    pub reloads_unchanged: AtomicU64,
     /// `wsgate_policy_generation`.
     pub policy_generation: AtomicU64,
     /// `wsgate_connection_spike`: 1 while handshakes exceed the policy's spike rate.
@@ -133,6 +135,7 @@ impl Default for Metrics {
             decisions: Mutex::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_error: AtomicU64::new(0),
+            reloads_unchanged: AtomicU64::new(0),
             policy_generation: AtomicU64::new(0),
             connection_spike: AtomicU64::new(0),
             redis_up: AtomicU64::new(0),
@@ -169,6 +172,16 @@ impl Metrics {
     pub fn handshake(&self, outcome: &str) {
         let i = HANDSHAKE_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(HANDSHAKE_OUTCOMES.len() - 1);
         self.handshakes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a policy reload by outcome (`ok`, `unchanged` or `error`).
+    pub fn reloaded(&self, outcome: &str) {
+        let counter = match outcome {
+            "ok" => &self.reloads_ok,
+            "unchanged" => &self.reloads_unchanged,
+            _ => &self.reloads_error,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a rejected message: by error code, or `Err` for one that closed its connection.
@@ -252,6 +265,7 @@ impl Metrics {
         counter_head(&mut out, "wsgate_policy_reloads_total", "Policy reloads by outcome.");
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"ok\"}} {}", load(&self.reloads_ok));
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"error\"}} {}", load(&self.reloads_error));
+        let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"unchanged\"}} {}", load(&self.reloads_unchanged));
         gauge(
             &mut out,
             "wsgate_policy_generation",

@@ -19,7 +19,6 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, timeout};
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::ws::WebSocket;
 use crate::close::Refusal;
 use crate::gateway::{Gateway, Phase};
 use crate::http::{self, ReadError};
@@ -27,6 +26,7 @@ use crate::policy::compile::MAX_RECONNECT_WINDOW;
 use crate::policy::{ConnLimits, Limit};
 use crate::session::{self, Session};
 use crate::tls::Tls;
+use crate::ws::WebSocket;
 use crate::{admin, decisions, handshake};
 
 /// A client must send its whole upgrade request within this time.

@@ -39,7 +39,8 @@ use crate::gateway::{Failpoint, Gateway, Phase};
 use crate::handshake::Admitted;
 use crate::limits::IpSlot;
 use crate::pipeline::{Decision, Frame, Pipeline};
-use crate::policy::{ConnContext, ConnInfo, Policy, RequestInfo};
+use crate::policy::keys::TokenError;
+use crate::policy::{ConnContext, ConnInfo, ConnLimits, Policy, RequestInfo};
 use crate::sessions::{Control, Mailbox};
 use crate::ws::WebSocket;
 
@@ -63,27 +64,97 @@ pub enum Ended {
     Dropped(&'static str),
 }
 
-/// The timers of one connection, as instants on tokio's clock.
+/// The timers of one connection, as instants on tokio's clock. They keep when things
+/// happened, not deadlines: each deadline is computed from the connection's current limits,
+/// so a reloaded policy's heartbeat, idle and re-authentication intervals apply at once.
 struct Timers {
-    /// Next heartbeat event: send a ping, or (when a pong is awaited) the pong deadline.
-    heartbeat: Instant,
+    /// When the last ping was sent (the connection's start before the first).
+    last_ping: Instant,
     /// A ping was sent and nothing has arrived since.
     awaiting_pong: bool,
-    /// When the last ping was sent, so the next one keeps the interval.
-    last_ping: Instant,
-    /// No client message until then closes the connection.
-    idle: Instant,
-    /// Next re-authentication.
-    reauth: Instant,
+    /// The last client message (idle time counts from here).
+    last_message: Instant,
+    /// The last re-authentication (or the handshake).
+    last_auth: Instant,
     /// The token's expiry (`exp` + leeway), if it has one.
     expires: Option<Instant>,
+    /// A reloaded policy no longer admits this connection: it closes then (see
+    /// [`Gateway::reload_closes`]), or at its next message, whichever comes first.
+    revoked: Option<(Instant, CloseCode, Box<str>)>,
 }
 
 impl Timers {
-    fn next(&self) -> Instant {
-        let t = self.heartbeat.min(self.idle).min(self.reauth);
-        self.expires.map_or(t, |e| t.min(e))
+    fn new(now: Instant, expires: Option<Instant>) -> Timers {
+        Timers { last_ping: now, awaiting_pong: false, last_message: now, last_auth: now, expires, revoked: None }
     }
+
+    /// Send a ping then, or (when a pong is awaited) drop the peer then.
+    fn heartbeat(&self, limits: &ConnLimits) -> Instant {
+        let wait = if self.awaiting_pong { limits.heartbeat_timeout } else { limits.heartbeat_interval };
+        self.last_ping + wait
+    }
+
+    fn idle(&self, limits: &ConnLimits) -> Instant {
+        self.last_message + limits.idle_timeout
+    }
+
+    fn reauth(&self, limits: &ConnLimits) -> Instant {
+        self.last_auth + limits.reauth_interval
+    }
+
+    fn next(&self, limits: &ConnLimits) -> Instant {
+        let t = self.heartbeat(limits).min(self.idle(limits)).min(self.reauth(limits));
+        let t = self.expires.map_or(t, |e| t.min(e));
+        self.revoked.as_ref().map_or(t, |(at, ..)| t.min(*at))
+    }
+}
+
+/// Why a connection is no longer admitted (a re-authentication or a reload).
+enum Denied {
+    /// The token does not verify (with the reloaded keys, or at all).
+    Token(TokenError),
+    /// The token is valid but names someone else.
+    OtherUser,
+    /// No user id could be determined.
+    NoUser,
+    /// Its tokens were revoked.
+    Revoked,
+    /// The origin is no longer allowed.
+    Origin(String),
+    /// A connect rule refuses it.
+    Rule(String),
+    /// Its limits cannot be evaluated under the policy.
+    Limits(&'static str),
+}
+
+impl Denied {
+    /// The close code: a token that no longer verifies is 4001 at a re-authentication, and
+    /// 4003 after a reload (a reload changed what is accepted), unless it simply expired.
+    fn code(&self, reload: bool) -> CloseCode {
+        match self {
+            Denied::Token(TokenError::Expired) => CloseCode::TokenExpired,
+            Denied::Token(_) | Denied::OtherUser | Denied::NoUser if !reload => CloseCode::TokenExpired,
+            _ => CloseCode::Revoked,
+        }
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            Denied::Token(e) => e.reason().to_string(),
+            Denied::OtherUser => "the token is for another user".into(),
+            Denied::NoUser => "the user id could not be determined".into(),
+            Denied::Revoked => "token revoked".into(),
+            Denied::Origin(reason) | Denied::Rule(reason) => reason.clone(),
+            Denied::Limits(key) => format!("{key} could not be evaluated"),
+        }
+    }
+}
+
+/// A token and policy that admit this connection.
+struct Admission {
+    claims: Value,
+    expires: Option<SystemTime>,
+    limits: ConnLimits,
 }
 
 /// What the loop does after a handler.
@@ -91,7 +162,8 @@ enum Step {
     /// Keep serving.
     Continue,
     /// Hand a publish to the backplane, then answer `ok` to this message id.
-    Publish(Delivery, Option<String>),
+    /// (Boxed: a step is held while it is acted on, and most steps are small.)
+    Publish(Box<(Delivery, Option<String>)>),
     /// Close with this code and reason.
     Close(CloseCode, String),
     /// Drop the connection without a close handshake.
@@ -128,6 +200,8 @@ pub struct Session<S> {
     phase: watch::Receiver<Phase>,
     /// Whether `phase` can still change (stop polling a closed channel).
     phase_open: bool,
+    /// The active policy: a new generation is re-checked and adopted at once.
+    policy: watch::Receiver<Arc<Policy>>,
     /// Channels this session is subscribed to.
     channels: Vec<Box<str>>,
     /// The current token, for re-authentication. Never logged.
@@ -155,16 +229,14 @@ where
     let connected_at = SystemTime::now();
     let conn =
         ConnInfo { id: name.clone(), user: user.clone(), ip, instance: gw.options.instance_id.clone(), connected_at };
+    let generation = policy.generation;
     let ctx = ConnContext::new(policy, &claims, &conn);
-    let now = Instant::now();
-    let timers = Timers {
-        heartbeat: now + limits.heartbeat_interval,
-        awaiting_pong: false,
-        last_ping: now,
-        idle: now + limits.idle_timeout,
-        reauth: now + limits.reauth_interval,
-        expires: expires_at.map(instant_of),
-    };
+    let timers = Timers::new(Instant::now(), expires_at.map(instant_of));
+    // A reload between this connection's handshake and now is adopted at the first event.
+    let mut active_policy = gw.watch_policy();
+    if active_policy.borrow().generation != generation {
+        active_policy.mark_changed();
+    }
     let max_per_user = limits.max_per_user;
     let welcome = json!({
         "type": "welcome",
@@ -187,6 +259,7 @@ where
         outbox: Outbox::new(OUTBOX_CAPACITY),
         mailbox: Arc::default(),
         phase_open: true,
+        policy: active_policy,
         channels: Vec::new(),
         token,
         request,
@@ -240,41 +313,59 @@ where
             if let Err(ended) = self.flush().await {
                 return ended;
             }
-            let deadline = self.timers.next();
+            let deadline = self.timers.next(&self.pipeline.limits);
             let step = tokio::select! {
                 biased;
                 control = self.mailbox.recv() => self.on_control(control),
                 changed = self.phase.changed(), if self.phase_open => self.on_phase(changed.is_ok()),
+                // A new policy before the next timer or frame: they are decided under it.
+                changed = self.policy.changed() => match changed {
+                    Ok(()) => self.on_policy(),
+                    // The gateway is gone; only a test drops it under a live session.
+                    Err(_) => Step::Drop("server stopped"),
+                },
                 // Timers before frames: a client that keeps the socket busy must not keep its
                 // expired token, its re-authentication or its idle timeout from firing.
                 () = sleep_until(deadline) => self.on_timer(),
                 frame = self.ws.next() => self.on_frame(frame),
                 out = self.outbox.recv() => self.on_outbound(out),
             };
-            let step = match step {
-                Step::Publish(delivery, id) => self.publish(delivery, id).await,
-                step => step,
-            };
-            match step {
-                Step::Continue | Step::Publish(..) => {}
-                Step::Close(code, reason) => {
-                    // What was queued before the close (an error frame) goes first.
-                    if let Err(ended) = self.flush().await {
-                        return ended;
-                    }
-                    return self.close(code, &reason).await;
+            if let Some(ended) = self.act(step).await {
+                return ended;
+            }
+        }
+    }
+
+    /// Does what a handler said: publish, close, drop or finish the client's close. Its own
+    /// future, so that the step it holds does not take room next to the `select!` above in
+    /// every idle connection's task.
+    async fn act(&mut self, step: Step) -> Option<Ended> {
+        let step = match step {
+            Step::Publish(publish) => {
+                let (delivery, id) = *publish;
+                self.publish(delivery, id).await
+            }
+            step => step,
+        };
+        match step {
+            Step::Continue | Step::Publish(..) => None,
+            Step::Close(code, reason) => {
+                // What was queued before the close (an error frame) goes first.
+                if let Err(ended) = self.flush().await {
+                    return Some(ended);
                 }
-                Step::Drop(why) => return Ended::Dropped(why),
-                Step::ClientClosed(code) => {
-                    // tungstenite has queued the close echo: flush it, and read until the end.
-                    let ws = &mut self.ws;
-                    let _ = timeout(CLOSE_TIMEOUT, async move {
-                        let _ = ws.flush().await;
-                        while let Some(Ok(_)) = ws.next().await {}
-                    })
-                    .await;
-                    return Ended::ClientClosed(code);
-                }
+                Some(self.close(code, &reason).await)
+            }
+            Step::Drop(why) => Some(Ended::Dropped(why)),
+            Step::ClientClosed(code) => {
+                // tungstenite has queued the close echo: flush it, and read until the end.
+                let ws = &mut self.ws;
+                let _ = timeout(CLOSE_TIMEOUT, async move {
+                    let _ = ws.flush().await;
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                Some(Ended::ClientClosed(code))
             }
         }
     }
@@ -300,10 +391,7 @@ where
             Some(Err(e)) => return self.on_read_error(e),
         };
         // Anything from the peer shows it is alive.
-        if self.timers.awaiting_pong {
-            self.timers.awaiting_pong = false;
-            self.timers.heartbeat = self.timers.last_ping + self.pipeline.limits.heartbeat_interval;
-        }
+        self.timers.awaiting_pong = false;
         match message {
             Message::Text(text) => self.on_data(Frame::Text(&text)),
             Message::Binary(bytes) => self.on_data(Frame::Binary(&bytes)),
@@ -347,8 +435,12 @@ where
     /// here (a bug, in us or a dependency) closes this connection with 1011 and leaves everyone
     /// else untouched.
     fn on_data(&mut self, frame: Frame<'_>) -> Step {
+        // A connection the active policy no longer admits is not served another message.
+        if let Some((_, code, reason)) = self.timers.revoked.take() {
+            return Step::Close(code, reason.into());
+        }
         let now = Instant::now();
-        self.timers.idle = now + self.pipeline.limits.idle_timeout;
+        self.timers.last_message = now;
         self.gw.metrics.messages_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let decided = std::panic::catch_unwind(AssertUnwindSafe(|| self.decide(frame, now)));
         self.gw.metrics.pipeline_duration.observe(now.elapsed());
@@ -432,7 +524,7 @@ where
             ("publish", Some(channel)) => {
                 let data = message.get("data").unwrap_or(&Value::Null);
                 let delivery = Delivery::new(channel, self.gw.ids.next_id(), data);
-                return Step::Publish(delivery, id.map(str::to_string));
+                return Step::Publish(Box::new((delivery, id.map(str::to_string))));
             }
             ("subscribe" | "unsubscribe" | "publish", None) => {
                 self.queue_error(id, ErrorCode::SchemaViolation, "`channel` must be a string");
@@ -468,12 +560,13 @@ where
     /// its expiry; anything else is refused and the current token stands.
     fn on_auth(&mut self, id: Option<&str>, token: &str) {
         let policy = self.gw.policy();
-        match self.authenticate(&policy, token) {
-            Ok((claims, expires)) => {
-                self.apply_token(policy, token.to_string(), &claims, expires);
+        match self.admit(&policy, token, "auth") {
+            Ok(admission) => {
+                self.adopt(policy, Some(token.to_string()), admission);
                 self.queue_ok(id);
             }
-            Err((_, reason)) => {
+            Err(denied) => {
+                let reason = denied.reason();
                 decisions::message_refused(
                     &self.gw.metrics,
                     Ok(ErrorCode::Forbidden),
@@ -487,29 +580,37 @@ where
             }
         }
     }
-    /// Verifies `token` for this session under `policy`: signature, expiry, same user,
-    /// connect rules and limits. On failure, the close code a re-check would use and why.
-    fn authenticate(&self, policy: &Policy, token: &str) -> Result<(Value, Option<SystemTime>), (CloseCode, String)> {
-        let claims = policy.auth.jwt.verify(token).map_err(|e| (CloseCode::TokenExpired, e.reason().to_string()))?;
+
+    /// Whether `token` admits this connection under `policy`, as the handshake would decide
+    /// (origin, signature, expiry, the same user, revocation, connect rules, limits); the
+    /// per-address and per-user counts are left to new handshakes.
+    fn admit(&self, policy: &Policy, token: &str, kind: &'static str) -> Result<Admission, Denied> {
+        policy.check_origin(self.request.origin.as_deref()).map_err(|d| Denied::Origin(d.reason.to_string()))?;
+        let claims = policy.auth.jwt.verify(token).map_err(Denied::Token)?;
         let scope = policy.handshake_scope(&claims, &self.request, SystemTime::now());
         match scope.user_id() {
             Ok(user) if user == self.user => {}
-            Ok(_) => return Err((CloseCode::TokenExpired, "the token is for another user".into())),
-            Err(_) => return Err((CloseCode::TokenExpired, "the user id could not be determined".into())),
+            Ok(_) => return Err(Denied::OtherUser),
+            Err(_) => return Err(Denied::NoUser),
         }
         if self.gw.revocations.is_revoked(&self.user, &claims, SystemTime::now()) {
-            return Err((CloseCode::Revoked, "token revoked".into()));
+            return Err(Denied::Revoked);
         }
         let verdict = scope.connect_rules();
-        decisions::would_deny(&self.gw.metrics, "reauth", &verdict.audit, &self.user, self.ip, &self.name);
+        decisions::would_deny(&self.gw.metrics, kind, &verdict.audit, &self.user, self.ip, &self.name);
         if let Some(denial) = verdict.denied {
-            return Err((CloseCode::Revoked, denial.reason.to_string()));
+            return Err(Denied::Rule(denial.reason.to_string()));
         }
+        let limits = scope.limits().map_err(|e| Denied::Limits(e.key))?;
+        drop(scope);
         let expires = auth::expiry(&claims, Duration::from_secs(policy.auth.jwt.validation.leeway));
-        Ok((claims, expires))
+        Ok(Admission { claims, expires, limits })
     }
 
-    fn apply_token(&mut self, policy: Arc<Policy>, token: String, claims: &Value, expires: Option<SystemTime>) {
+    /// Moves the connection to `policy` (and a new token, if given): its rules, limits,
+    /// timers and frame limits from the next event on.
+    fn adopt(&mut self, policy: Arc<Policy>, token: Option<String>, admission: Admission) {
+        let Admission { claims, expires, limits } = admission;
         let conn = ConnInfo {
             id: self.name.clone(),
             user: self.user.clone(),
@@ -517,9 +618,47 @@ where
             instance: self.gw.options.instance_id.clone(),
             connected_at: self.connected_at,
         };
-        self.pipeline.ctx = ConnContext::new(policy, claims, &conn);
-        self.token = token;
+        self.ws.set_max_bytes(usize::try_from(limits.max_bytes).unwrap_or(usize::MAX));
+        self.pipeline.ctx = ConnContext::new(policy, &claims, &conn);
+        self.pipeline.limits = limits;
+        if let Some(token) = token {
+            self.token = token;
+        }
         self.timers.expires = expires.map(instant_of);
+        // A later policy that admits the connection again lifts a pending close.
+        self.timers.revoked = None;
+    }
+
+    /// A new policy generation: re-check the connection under it and adopt it, or schedule
+    /// the 4003 close (paced across connections).
+    fn on_policy(&mut self) -> Step {
+        let policy = self.policy.borrow_and_update().clone();
+        if policy.generation == self.pipeline.ctx.policy().generation {
+            return Step::Continue;
+        }
+        match self.admit(&policy, &self.token, "reload") {
+            Ok(admission) => self.adopt(policy, None, admission),
+            Err(denied) => {
+                let (code, reason) = (denied.code(true), denied.reason());
+                if self.timers.revoked.is_none() {
+                    tracing::info!(
+                        target: decisions::TARGET,
+                        kind = "reload",
+                        outcome = "deny",
+                        close = code.code(),
+                        generation = policy.generation,
+                        user = %self.user,
+                        ip = %self.ip,
+                        session = %self.name,
+                        reason = %reason,
+                        "the reloaded policy no longer admits this connection"
+                    );
+                    let at = self.gw.reload_closes.slot(Instant::now());
+                    self.timers.revoked = Some((at, code, format!("policy reloaded: {reason}").into()));
+                }
+            }
+        }
+        Step::Continue
     }
 
     fn on_outbound(&mut self, out: Outbound) -> Step {
@@ -539,27 +678,32 @@ where
         if self.timers.expires.is_some_and(|e| now >= e) {
             return Step::Close(CloseCode::TokenExpired, "token expired".into());
         }
-        let (pong_timeout, reauth) = (self.pipeline.limits.heartbeat_timeout, self.pipeline.limits.reauth_interval);
-        if now >= self.timers.heartbeat {
+        if let Some((at, code, reason)) = self.timers.revoked.take() {
+            if now >= at {
+                return Step::Close(code, reason.into());
+            }
+            self.timers.revoked = Some((at, code, reason));
+        }
+        let limits = &self.pipeline.limits;
+        if now >= self.timers.heartbeat(limits) {
             if self.timers.awaiting_pong {
                 tracing::info!(session = %self.name, user = %self.user, "heartbeat timeout: dropping the connection");
                 return Step::Drop("heartbeat timeout");
             }
             self.timers.awaiting_pong = true;
             self.timers.last_ping = now;
-            self.timers.heartbeat = now + pong_timeout;
             self.out.push(Message::Ping(Default::default()));
         }
-        if now >= self.timers.idle {
+        if now >= self.timers.idle(&self.pipeline.limits) {
             return Step::Close(CloseCode::Normal, "idle timeout".into());
         }
-        if now >= self.timers.reauth {
-            self.timers.reauth = now + reauth;
+        if now >= self.timers.reauth(&self.pipeline.limits) {
+            self.timers.last_auth = now;
             let policy = self.gw.policy();
-            let token = std::mem::take(&mut self.token);
-            match self.authenticate(&policy, &token) {
-                Ok((claims, expires)) => self.apply_token(policy, token, &claims, expires),
-                Err((code, reason)) => {
+            match self.admit(&policy, &self.token, "reauth") {
+                Ok(admission) => self.adopt(policy, None, admission),
+                Err(denied) => {
+                    let (code, reason) = (denied.code(false), denied.reason());
                     tracing::info!(
                         target: decisions::TARGET,
                         kind = "reauth",
@@ -627,7 +771,17 @@ where
     }
 
     /// Sends a close frame and waits (bounded) for the client's; then the connection is done.
-    async fn close(&mut self, code: CloseCode, reason: &str) -> Ended {
+    /// Boxed: it happens once per connection, and inline its timer would sit in every idle
+    /// connection's task.
+    fn close<'a>(
+        &'a mut self,
+        code: CloseCode,
+        reason: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Ended> + Send + 'a>> {
+        Box::pin(self.close_now(code, reason))
+    }
+
+    async fn close_now(&mut self, code: CloseCode, reason: &str) -> Ended {
         let frame = CloseFrame { code: code.code().into(), reason: truncate(reason, MAX_CLOSE_REASON).into() };
         let ws = &mut self.ws;
         let _ = timeout(CLOSE_TIMEOUT, async move {

@@ -16,8 +16,10 @@ use crate::cli::{EXIT_CONFIG, parse_ttl, print_errors};
 use crate::gateway::{Failpoint, Gateway, GatewayOptions};
 use crate::policy::compile::process_env;
 use crate::policy::{CompileOptions, PolicySource, compile};
+use crate::reload::{self, PolicyDir, SecretLookup, Trigger};
 use crate::server::{self, Listeners, ServeOptions};
 use crate::tls::Tls;
+use crate::watcher;
 
 /// The environment variable the default policy reads its HS256 secret from.
 const DEV_SECRET_ENV: &str = "WSGATE_JWT_SECRET";
@@ -62,6 +64,10 @@ pub struct ServeArgs {
     /// longest lifetime of the tokens you issue.
     #[arg(long, env = "WSGATE_REVOCATION_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub revocation_ttl: Duration,
+    /// Do not watch the policy directory; reload only on SIGHUP or `POST /v1/policy/reload`
+    /// (for file systems without change notifications, or deployments that push reloads).
+    #[arg(long, env = "WSGATE_NO_WATCH")]
+    pub no_watch: bool,
     /// Most connections held at once.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
@@ -120,11 +126,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
 
     // --dev: an ephemeral secret, used only when none is set.
     let dev_secret = (args.dev && process_env(DEV_SECRET_ENV).is_none_or(|s| s.is_empty())).then(random_secret);
-    let lookup = |name: &str| match (&dev_secret, name) {
-        (Some(secret), DEV_SECRET_ENV) => Some(secret.clone()),
-        _ => process_env(name),
+    let secrets: SecretLookup = {
+        let dev_secret = dev_secret.clone();
+        Arc::new(move |name: &str| match (&dev_secret, name) {
+            (Some(secret), DEV_SECRET_ENV) => Some(secret.clone()),
+            _ => process_env(name),
+        })
     };
-    let options = CompileOptions { generation: 1, secret_lookup: &lookup };
+    let options = CompileOptions { generation: 1, secret_lookup: &*secrets };
     let policy = match PolicySource::read_dir(&args.policies).and_then(|source| compile(&source, &options)) {
         Ok(p) => Arc::new(p),
         Err(errors) => {
@@ -146,6 +155,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         admin_token: process_env("WSGATE_ADMIN_TOKEN").filter(|t| !t.is_empty()),
         failpoint,
         revocation_ttl: args.revocation_ttl,
+        policy_dir: Some(PolicyDir { dir: args.policies.clone(), secrets }),
     };
     if gateway_options.admin_token.is_none() {
         tracing::info!("WSGATE_ADMIN_TOKEN is not set: state-changing admin calls answer 403");
@@ -169,7 +179,8 @@ pub fn run(args: ServeArgs) -> ExitCode {
         };
         // Handlers go in before anyone can know the address: a SIGTERM right after the listening
         // line must drain, not kill.
-        let shutdown = match shutdown_signal(tls.clone()) {
+        let gw = Gateway::new(policy, gateway_options);
+        let shutdown = match shutdown_signal(tls.clone(), gw.clone()) {
             Ok(s) => s,
             Err(e) => return refuse_start(&format!("cannot install signal handlers: {e}")),
         };
@@ -183,7 +194,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
         {
             print_dev_token(&secret, ws_addr);
         }
-        let gw = Gateway::new(policy, gateway_options);
+        // Watching is a convenience on top of SIGHUP and the admin call: without it (no
+        // inotify watches left, say) the server still runs, and says so.
+        let watching = if args.no_watch { None } else { Some(watcher::watch(gw.clone())) };
+        let _watcher = match watching {
+            None => {
+                tracing::info!("--no-watch: the policy is reloaded on SIGHUP and POST /v1/policy/reload only");
+                None
+            }
+            Some(Ok(w)) => Some(w),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, policy = %args.policies.display(), "cannot watch the policy directory; reload with SIGHUP or POST /v1/policy/reload");
+                None
+            }
+        };
         let serve_options =
             ServeOptions { max_connections: args.max_connections, drain_timeout: args.drain_timeout, tls };
         match server::serve(Listeners { ws, admin }, gw, serve_options, shutdown).await {
@@ -231,9 +255,10 @@ fn default_instance_id() -> String {
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Installs the SIGTERM, SIGINT and SIGHUP handlers now. The returned future completes on the
-/// first SIGTERM or SIGINT (the drain starts); a second one exits at once. SIGHUP re-reads the
-/// TLS certificate and never takes its default action (terminating without a drain).
-fn shutdown_signal(tls: Option<Arc<Tls>>) -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// first SIGTERM or SIGINT (the drain starts); a second one exits at once. SIGHUP reloads the
+/// policy and re-reads the TLS certificate, and never takes its default action (terminating
+/// without a drain).
+fn shutdown_signal(tls: Option<Arc<Tls>>, gw: Arc<Gateway>) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -251,9 +276,11 @@ fn shutdown_signal(tls: Option<Arc<Tls>>) -> std::io::Result<impl std::future::F
                             Ok(()) => tracing::info!("SIGHUP: TLS certificate and key re-read; new connections use them"),
                             Err(e) => tracing::error!(error = %e, "SIGHUP: the TLS certificate could not be re-read; the current one stays"),
                         },
-                        None => tracing::info!("SIGHUP received; no TLS certificate to re-read"),
+                        None => tracing::debug!("SIGHUP: no TLS certificate to re-read"),
                     }
-                    tracing::warn!("SIGHUP: live policy reload is not part of this build; the policy was not re-read");
+                    // Its own task: a reload waiting for its turn must not hold up a SIGTERM.
+                    let gw = gw.clone();
+                    tokio::spawn(async move { reload::reload(&gw, Trigger::Signal).await });
                     continue;
                 }
             };

@@ -34,7 +34,11 @@ where
     /// A connection whose upgrade has been answered; `early` holds bytes read after the
     /// request head (a client may send its first frames right behind it).
     pub fn from_partially_read(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocket<S> {
-        WebSocket { stream, protocol: WebSocketContext::from_partially_read(early, Role::Server, Some(config)), ended: false }
+        WebSocket {
+            stream,
+            protocol: WebSocketContext::from_partially_read(early, Role::Server, Some(config)),
+            ended: false,
+        }
     }
 
     /// Sets the largest message and frame accepted from now on; a larger one fails the read

@@ -7,25 +7,18 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use common::inproc::*;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
-use tokio::io::DuplexStream;
+use serde_json::json;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use wsgate::broker::Delivery;
 use wsgate::gateway::{Failpoint, Gateway, GatewayOptions, Phase};
 use wsgate::policy::source::SourceFile;
 use wsgate::policy::{CompileOptions, Policy, PolicySource, compile};
-
-type Client = WebSocketStream<DuplexStream>;
-
-fn secret(_: &str) -> Option<String> {
-    Some(common::SECRET.to_string())
-}
 
 fn policy(edit: impl Fn(String) -> String) -> Arc<Policy> {
     let mut source = PolicySource::read_dir(&common::default_policy_dir()).unwrap();
@@ -45,88 +38,6 @@ fn gateway_with(edit: impl Fn(String) -> String, failpoint: Option<Failpoint>) -
 
 fn same(s: String) -> String {
     s
-}
-
-fn token(sub: &str, ttl: Duration, claims: &[(&str, &str)]) -> String {
-    let claims: Vec<(String, String)> = claims.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    wsgate::token::mint(common::SECRET.as_bytes(), sub, ttl, &claims, SystemTime::now()).unwrap()
-}
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// A refused handshake: status, `Retry-After`, body.
-#[derive(Debug)]
-struct Refused {
-    status: u16,
-    retry_after: Option<String>,
-    body: Value,
-}
-
-async fn connect_from(
-    gw: &Arc<Gateway>,
-    target: &str,
-    peer: &str,
-    headers: &[(&'static str, &str)],
-) -> Result<Client, Refused> {
-    let (client, server) = tokio::io::duplex(64 * 1024);
-    let peer: SocketAddr = peer.parse().unwrap();
-    tokio::spawn(wsgate::server::handle(server, peer, gw.clone()));
-    let mut request = format!("ws://localhost{target}").into_client_request().unwrap();
-    for (name, value) in headers {
-        request.headers_mut().insert(*name, value.parse().unwrap());
-    }
-    match tokio_tungstenite::client_async(request, client).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(WsError::Http(response)) => Err(Refused {
-            status: response.status().as_u16(),
-            retry_after: response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()),
-            body: serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap_or(Value::Null),
-        }),
-        Err(e) => panic!("handshake failed: {e}"),
-    }
-}
-
-async fn connect(gw: &Arc<Gateway>, token: &str) -> Client {
-    let mut ws = connect_from(gw, &format!("/ws?token={token}"), "127.0.0.1:40000", &[]).await.expect("admitted");
-    let welcome = next_json(&mut ws).await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    ws
-}
-
-/// The next data frame as JSON (pings are answered by the client library as it reads).
-async fn next_json(ws: &mut Client) -> Value {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-/// Reads until the connection ends: the server's close code, or `None` when it was dropped
-/// without a close frame.
-async fn close_code(ws: &mut Client) -> Option<u16> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
-        }
-    }
-}
-
-/// Waits (on the real clock, bounded) until `done` holds.
-async fn wait_for(done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(Instant::now() < deadline, "condition not reached within 5 s");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-async fn send(ws: &mut Client, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -228,6 +139,106 @@ async fn reauthentication_rechecks_under_the_current_policy() {
     assert_eq!(keep_busy.await, Some(4003), "a connect rule now denies: access revoked");
     let at = start.elapsed();
     assert!(at >= Duration::from_secs(900) && at < Duration::from_secs(960), "re-checked after {at:?}");
+}
+
+/// `policy(edit)` as a reload would produce it: a later generation.
+fn reloaded(edit: impl Fn(String) -> String, generation: u64) -> Arc<Policy> {
+    let mut p = Arc::into_inner(policy(edit)).unwrap();
+    p.generation = generation;
+    Arc::new(p)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_moves_live_connections_to_the_new_heartbeat() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    let start = Instant::now();
+    gw.set_policy(reloaded(|d| d.replace("{interval: 30s, timeout: 10s}", "{interval: 5s, timeout: 2s}"), 2));
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Ping(_))) => break,
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+    let at = start.elapsed();
+    assert!(at >= Duration::from_secs(5) && at < Duration::from_secs(6), "first ping after {at:?}, not 30 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_a_reload_denies_are_closed_4003_spread_over_time() {
+    let gw = gateway(|d| d.replace("max_per_ip: 100", "max_per_ip: 1000"));
+    let mut contractors = Vec::with_capacity(150);
+    for i in 0..150 {
+        contractors.push(connect(&gw, &token(&format!("c{i}"), HOUR, &[("roles", r#"["contractor"]"#)])).await);
+    }
+    let mut staff = connect(&gw, &token("staff", HOUR, &[("roles", r#"["staff"]"#)])).await;
+    let start = Instant::now();
+    let deny = r#"    - name: no-contractors
+      deny: 'has(claims.roles) && "contractor" in claims.roles'
+      reason: contractors are off
+origins:"#;
+    gw.set_policy(reloaded(|d| d.replace("origins:", deny), 2));
+    // Each client reads on its own, so each close is timed when it arrives.
+    let readers: Vec<_> = contractors
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { (close_code(&mut ws).await, start.elapsed()) }))
+        .collect();
+    let mut closed_at = Vec::new();
+    for reader in readers {
+        let (code, at) = reader.await.unwrap();
+        assert_eq!(code, Some(4003));
+        closed_at.push(at);
+    }
+    closed_at.sort();
+    // The first hundred at once, then one a millisecond (wsgate::gateway::RELOAD_CLOSES_PER_SECOND).
+    assert!(closed_at[99] < Duration::from_millis(1), "the burst: {:?}", closed_at[99]);
+    assert!(closed_at[149] >= Duration::from_millis(50), "the rest are spread: {:?}", closed_at[149]);
+    send(&mut staff, json!({"type": "ping", "id": "s"})).await;
+    assert_eq!(next_json(&mut staff).await, json!({"type": "pong", "ref": "s"}), "others are untouched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_denied_connection_is_closed_at_its_next_message_and_a_later_reload_can_spare_it() {
+    let gw = gateway(|d| d.replace("max_per_ip: 100", "max_per_ip: 1000"));
+    let deny_alice = |d: String| {
+        d.replace("origins:", "    - {name: no-alice, deny: 'claims.sub == \"alice\"', reason: no alice}\norigins:")
+    };
+    // Fill the burst so alice's close is scheduled later, then undo the rule before it comes.
+    let mut others = Vec::new();
+    for i in 0..120 {
+        others.push(connect(&gw, &token(&format!("u{i}"), HOUR, &[("roles", r#"["x"]"#)])).await);
+    }
+    let mut alice = connect(&gw, &token("alice", HOUR, &[])).await;
+    let deny_x = |d: String| {
+        d.replace(
+            "origins:",
+            "    - {name: no-x, deny: 'has(claims.roles) && \"x\" in claims.roles', reason: no x}\norigins:",
+        )
+    };
+    // Each generation is seen by every session before the next (time does not move).
+    let settle = || tokio::time::sleep(Duration::from_micros(10));
+    gw.set_policy(reloaded(deny_x, 2));
+    settle().await;
+    gw.set_policy(reloaded(|d| deny_x(deny_alice(d)), 3));
+    settle().await;
+    gw.set_policy(reloaded(deny_x, 4));
+    settle().await;
+    send(&mut alice, json!({"type": "ping", "id": "spared"})).await;
+    assert_eq!(
+        next_json(&mut alice).await,
+        json!({"type": "pong", "ref": "spared"}),
+        "generation 4 admits alice again"
+    );
+    gw.set_policy(reloaded(|d| deny_x(deny_alice(d)), 5));
+    settle().await;
+    // Denied again: its paced close is behind the 120 others' (20 ms away), but a message
+    // from it is not served — the connection closes at once.
+    let sent = Instant::now();
+    send(&mut alice, json!({"type": "ping", "id": "denied"})).await;
+    assert_eq!(close_code(&mut alice).await, Some(4003));
+    assert!(sent.elapsed() < Duration::from_millis(1), "closed after {:?}", sent.elapsed());
+    drop(others);
 }
 
 #[tokio::test(start_paused = true)]

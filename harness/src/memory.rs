@@ -116,6 +116,7 @@ pub fn mint_valid(credentials: &Credentials, user: &str) -> Result<String, Strin
         omit: &[],
         ttl: Duration::from_secs(3600),
         algorithm: None,
+        key: None,
     };
     token::mint(credentials.jwt_secret.as_bytes(), &spec, SystemTime::now()).map(|t| t.unwrap_or_default())
 }

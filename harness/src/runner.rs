@@ -21,6 +21,7 @@ use crate::policy_dir::{PolicyDir, deep_merge};
 use crate::scenario::*;
 use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer, describe_exit};
 use crate::tls::{self, ServerTls};
+use crate::token::SigningKey;
 use crate::token::{self, TokenSpec};
 
 /// The default deadline of steps that wait for something.
@@ -67,13 +68,22 @@ struct Ctx<'a> {
     credentials: Credentials,
     servers: BTreeMap<String, ServerState>,
     conns: HashMap<String, ConnState>,
+    /// The scenario's `signing_keys`, by name.
+    signing_keys: HashMap<String, SigningKey>,
 }
 
 /// Runs `scenario`; `Err` carries the complete, redacted failure report.
 pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
     let redactor = Arc::new(Redactor::default());
     let credentials = Credentials::generate(&redactor);
-    let mut ctx = Ctx { cfg, redactor, credentials, servers: BTreeMap::new(), conns: HashMap::new() };
+    let mut ctx = Ctx {
+        cfg,
+        redactor,
+        credentials,
+        servers: BTreeMap::new(),
+        conns: HashMap::new(),
+        signing_keys: HashMap::new(),
+    };
     let result = match ctx.start_servers(scenario).await {
         Err(e) => Err(e),
         Ok(()) => {
@@ -147,8 +157,15 @@ fn parse_json(text: &str) -> Result<Value, String> {
 
 impl Ctx<'_> {
     async fn start_servers(&mut self, scenario: &Scenario) -> Result<(), String> {
+        for name in &scenario.signing_keys {
+            let key = SigningKey::generate(name)?;
+            self.redactor.register(format!("the private signing key `{name}`"), key.private_marker.clone());
+            self.signing_keys.insert(name.clone(), key);
+        }
         for (name, spec) in &scenario.servers {
-            let files: Vec<(String, String)> = spec.files.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut files: Vec<(String, String)> =
+                self.signing_keys.values().map(|k| (format!("keys/{}.pem", k.name), k.public_pem.clone())).collect();
+            files.extend(spec.files.iter().map(|(k, v)| (k.clone(), v.clone())));
             let dir = PolicyDir::create(&self.cfg.policies, spec.policy.as_ref(), &files)
                 .map_err(|e| format!("server `{name}`: {e}"))?;
             let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -261,6 +278,7 @@ impl Ctx<'_> {
                     .await
                     .map_err(|_| format!("no log line containing {:?} within {within}", s.contains))
             }
+            Step::Sighup(s) => self.server_mut(&s.server)?.server.process.signal("HUP").await,
             Step::Stop(s) => {
                 let state = self.server_mut(&s.server)?;
                 state.server.process.signal(s.signal.name()).await?;
@@ -317,6 +335,7 @@ impl Ctx<'_> {
             omit: &s.omit_claims,
             ttl: s.ttl.map_or(Duration::from_secs(15 * 60), |d| d.0),
             algorithm,
+            key: s.signing_key.as_ref().and_then(|k| self.signing_keys.get(k)),
         };
         let token = token::mint(self.credentials.jwt_secret.as_bytes(), &spec, SystemTime::now())?;
         if let Some(t) = &token {

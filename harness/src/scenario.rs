@@ -44,6 +44,10 @@ pub struct Scenario {
     /// The longest the whole scenario may take (default 60s).
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// ES256 key pairs generated for the scenario: each public key is written into every
+    /// server's policy directory as `keys/<name>.pem`; `connect` signs with one by name.
+    #[serde(default)]
+    pub signing_keys: Vec<String>,
     /// What to do, in order.
     pub steps: Vec<Step>,
 }
@@ -104,6 +108,8 @@ pub enum Step {
     ExpectLog(ExpectLogStep),
     /// Send a server a signal (SIGTERM by default) and go on at once.
     Stop(StopStep),
+    /// Send a server SIGHUP (reload its policy and certificate) and go on at once.
+    Sighup(SighupStep),
     /// A server must exit, with this status, within a deadline.
     ExpectExit(ExpectExitStep),
 }
@@ -127,6 +133,7 @@ impl Step {
             Step::ResumeReading(_) => "resume_reading",
             Step::ExpectLog(_) => "expect_log",
             Step::Stop(_) => "stop",
+            Step::Sighup(_) => "sighup",
             Step::ExpectExit(_) => "expect_exit",
         }
     }
@@ -141,6 +148,7 @@ impl Step {
             Step::EditPolicy(s) => s.server.as_deref(),
             Step::ExpectLog(s) => s.server.as_deref(),
             Step::Stop(s) => s.server.as_deref(),
+            Step::Sighup(s) => s.server.as_deref(),
             Step::ExpectExit(s) => s.server.as_deref(),
             _ => None,
         }
@@ -211,6 +219,10 @@ pub struct ConnectStep {
     /// The query parameter, header or cookie name for the token.
     #[serde(default)]
     pub token_name: Option<String>,
+    /// Sign a valid token with this scenario signing key (ES256, `kid` = the name) instead
+    /// of the HS256 secret.
+    #[serde(default)]
+    pub signing_key: Option<String>,
     /// The `Origin` header.
     #[serde(default)]
     pub origin: Option<String>,
@@ -534,6 +546,15 @@ pub struct StopStep {
     pub signal: StopSignal,
 }
 
+/// `sighup`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SighupStep {
+    /// Which server (default: the only one).
+    #[serde(default)]
+    pub server: Option<String>,
+}
+
 /// `expect_exit`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -609,9 +630,15 @@ impl Scenario {
         if self.steps.is_empty() {
             return Err("a scenario needs at least one step".into());
         }
+        for key in &self.signing_keys {
+            if !valid_name(key) || key.contains(':') {
+                return Err(format!("signing key `{key}`: use letters, digits, `-`, `_`, `.`"));
+            }
+        }
         let servers = Servers {
             all: self.servers.keys().cloned().collect(),
             tls: self.servers.iter().filter(|(_, spec)| spec.tls).map(|(name, _)| name.clone()).collect(),
+            keys: self.signing_keys.iter().cloned().collect(),
         };
         let mut conns: BTreeSet<String> = BTreeSet::new();
         // Servers an `expect_exit` has seen exit, with that step's number.
@@ -646,6 +673,8 @@ struct Servers {
     all: BTreeSet<String>,
     /// Those with `tls: true`.
     tls: BTreeSet<String>,
+    /// The scenario's signing keys.
+    keys: BTreeSet<String>,
 }
 
 fn pick_server(name: &mut Option<String>, servers: &Servers) -> Result<(), String> {
@@ -704,6 +733,14 @@ fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>
                 crate::token::parse_algorithm(alg)?;
                 if s.token != TokenKind::WrongAlgorithm {
                     return Err("`algorithm` only goes with `token: wrong_algorithm`".into());
+                }
+            }
+            if let Some(key) = &s.signing_key {
+                if !servers.keys.contains(key) {
+                    return Err(format!("signing key `{key}` is not in the scenario's `signing_keys`"));
+                }
+                if s.token != TokenKind::Valid {
+                    return Err("`signing_key` signs a valid token; it does not go with `token`".into());
                 }
             }
             if let Some(path) = &s.path
@@ -817,6 +854,7 @@ fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>
         }
         Step::ExpectLog(s) => pick_server(&mut s.server, servers),
         Step::Stop(s) => pick_server(&mut s.server, servers),
+        Step::Sighup(s) => pick_server(&mut s.server, servers),
         Step::ExpectExit(s) => pick_server(&mut s.server, servers),
     }
 }

@@ -48,6 +48,39 @@ pub struct TokenSpec<'a> {
     pub ttl: Duration,
     /// The algorithm for `wrong_algorithm` (`HS384` by default).
     pub algorithm: Option<Algorithm>,
+    /// Sign a valid token with this ES256 key instead of the secret.
+    pub key: Option<&'a SigningKey>,
+}
+
+/// A generated ES256 key pair a scenario signs tokens with; its public key goes into the
+/// servers' policy directories.
+pub struct SigningKey {
+    /// The name, also the tokens' `kid`.
+    pub name: String,
+    encoding: EncodingKey,
+    /// The public key, PEM (SubjectPublicKeyInfo).
+    pub public_pem: String,
+    /// A line of the private key's PEM, for the log leak check.
+    pub private_marker: String,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    /// A fresh P-256 key pair.
+    pub fn generate(name: &str) -> Result<SigningKey, String> {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| format!("cannot generate signing key `{name}`: {e}"))?;
+        let private_pem = pair.serialize_pem();
+        let encoding =
+            EncodingKey::from_ec_pem(private_pem.as_bytes()).map_err(|e| format!("signing key `{name}`: {e}"))?;
+        let private_marker = private_pem.lines().find(|l| !l.starts_with("-----")).unwrap_or_default().to_string();
+        Ok(SigningKey { name: name.to_string(), encoding, public_pem: pair.public_key_pem(), private_marker })
+    }
 }
 
 /// Builds the token `spec` describes, signed with `secret`; `None` for [`TokenKind::None`].
@@ -80,6 +113,12 @@ pub fn mint(secret: &[u8], spec: &TokenSpec<'_>, now: SystemTime) -> Result<Opti
     };
     let token = match spec.kind {
         TokenKind::None => return Ok(None),
+        TokenKind::Valid if spec.key.is_some() => {
+            let key = spec.key.expect("checked by the guard");
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(key.name.clone());
+            jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(|e| format!("cannot sign a token: {e}"))?
+        }
         TokenKind::Valid | TokenKind::Expired | TokenKind::NotYetValid => sign(Algorithm::HS256, secret)?,
         TokenKind::BadSignature => sign(Algorithm::HS256, b"not-the-gateway-secret-but-32-bytes-long!")?,
         TokenKind::WrongAlgorithm => sign(spec.algorithm.unwrap_or(Algorithm::HS384), secret)?,
@@ -122,7 +161,15 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
 
     fn spec(kind: TokenKind, claims: &Map<String, Value>) -> TokenSpec<'_> {
-        TokenSpec { kind, sub: Some("alice"), claims, omit: &[], ttl: Duration::from_secs(60), algorithm: None }
+        TokenSpec {
+            kind,
+            sub: Some("alice"),
+            claims,
+            omit: &[],
+            ttl: Duration::from_secs(60),
+            algorithm: None,
+            key: None,
+        }
     }
 
     fn decode(token: &str, alg: Algorithm) -> Result<Value, jsonwebtoken::errors::Error> {

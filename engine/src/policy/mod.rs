@@ -124,6 +124,16 @@ pub enum Limit<T> {
     },
 }
 
+impl<T: Copy> Limit<T> {
+    /// The value, when it is a literal.
+    pub fn literal(&self) -> Option<T> {
+        match self {
+            Limit::Literal(v) => Some(*v),
+            Limit::Expr { .. } => None,
+        }
+    }
+}
+
 /// A count of events over a window.
 #[derive(Debug)]
 pub struct WindowLimit {
