@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, the workspace's tests, the
 # shipped policies' own checks and tests, the harness scenarios against real wsgate
-# processes, the idle-connection memory budget, and each fuzz target briefly.
+# processes, the idle-connection memory budget, the live-reload latency, and each fuzz target
+# briefly.
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to fuzz longer, FUZZ_SECONDS=0 to skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,11 @@ step "scenarios against real wsgate processes (harness/scenarios)"
 
 step "memory: RSS per idle authenticated connection at 2,000 connections (budget 8 KiB)"
 ./target/debug/wsgate-harness idle-memory --connections 2000 --bin target/debug/wsgate --max-kib 8
+
+step "live reload: 50 saves, each timed until a live connection is decided under it"
+# The release build meets 100 ms at p99 (README, "Live policy reload"); this debug build's budget
+# is looser so a busy CI machine does not fail it, while a regression to seconds still does.
+./target/debug/wsgate-harness reload-latency --saves 50 --bin target/debug/wsgate --max-p99 250ms
 
 fuzz_seconds="${FUZZ_SECONDS:-10}"
 if [ "$fuzz_seconds" != 0 ]; then
