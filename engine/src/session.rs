@@ -559,7 +559,9 @@ where
     /// An `auth` message: a valid token for the same user replaces the session's token and
     /// its expiry; anything else is refused and the current token stands.
     fn on_auth(&mut self, id: Option<&str>, token: &str) {
-        let policy = self.gw.policy();
+        // The generation this message was decided under; a newer one is adopted (and this new
+        // token re-checked under it) at the next event.
+        let policy = self.pipeline.ctx.policy().clone();
         match self.admit(&policy, token, "auth") {
             Ok(admission) => {
                 self.adopt(policy, Some(token.to_string()), admission);
@@ -697,7 +699,8 @@ where
         if now >= self.timers.idle(&self.pipeline.limits) {
             return Step::Close(CloseCode::Normal, "idle timeout".into());
         }
-        if now >= self.timers.reauth(&self.pipeline.limits) {
+        // A connection a reload denied has its (paced) close booked: no re-check before it.
+        if now >= self.timers.reauth(&self.pipeline.limits) && self.timers.revoked.is_none() {
             self.timers.last_auth = now;
             let policy = self.gw.policy();
             match self.admit(&policy, &self.token, "reauth") {

@@ -148,6 +148,9 @@ async fn run(
     mut rx: mpsc::Receiver<Change>,
 ) {
     let mut debounce = Debounce::default();
+    // Whatever applied a policy (this watch, SIGHUP, the admin call), its key files' directories
+    // are watched from then on.
+    let mut active = gw.watch_policy();
     loop {
         let due = debounce.due();
         tokio::select! {
@@ -155,11 +158,13 @@ async fn run(
                 Some(change) => debounce.record(change, Instant::now()),
                 None => return,
             },
+            Ok(()) = active.changed() => {
+                active.borrow_and_update();
+                watch_key_dirs(&mut watcher, &gw, &dir, &mut extra);
+            }
             () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 debounce.reset();
-                if let reload::Outcome::Applied { .. } = reload::reload(&gw, Trigger::Watch).await {
-                    watch_key_dirs(&mut watcher, &gw, &dir, &mut extra);
-                }
+                reload::reload(&gw, Trigger::Watch).await;
             }
         }
     }
@@ -168,9 +173,12 @@ async fn run(
 /// Watches the directories of key files that live outside the policy directory.
 fn watch_key_dirs(watcher: &mut notify::RecommendedWatcher, gw: &Gateway, dir: &Path, watched: &mut HashSet<PathBuf>) {
     let policy = gw.policy();
+    // Compared resolved (`../keys` is outside the directory, whatever its spelling).
+    let resolve = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let dir = resolve(dir);
     for name in &policy.sources {
-        let Some(parent) = dir.join(name).parent().map(Path::to_path_buf) else { continue };
-        if parent.starts_with(dir) || watched.contains(&parent) {
+        let Some(parent) = dir.join(name).parent().map(resolve) else { continue };
+        if parent.starts_with(&dir) || watched.contains(&parent) {
             continue;
         }
         match watcher.watch(&parent, RecursiveMode::NonRecursive) {

@@ -240,3 +240,25 @@ async fn a_saved_policy_is_enforced_on_a_live_connection() {
     let reply = next_json(&mut ws).await;
     assert_eq!((reply["code"].as_str(), reply["reason"].as_str()), (Some("forbidden"), Some("no more pings")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_outside_the_policy_directory_is_watched_too() {
+    // The key lives beside the policy directory and is named through `..`.
+    let keys = tempfile::tempdir().unwrap();
+    let key_pem = || rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem();
+    std::fs::write(keys.path().join("pub.pem"), key_pem()).unwrap();
+    let dir = PolicyCopy::new();
+    let relative = format!("../{}/pub.pem", keys.path().file_name().unwrap().to_str().unwrap());
+    let jwt = format!("  jwt:\n    algorithms: [ES256]\n    secret_env: null\n    public_key_file: {relative}\n");
+    let text = dir.read("policy.yaml");
+    let start = text.find("  jwt:\n").unwrap();
+    let end = start + text[start..].find("  user_id:").unwrap();
+    save(&dir, &format!("{}{jwt}{}", &text[..start], &text[end..]));
+    let gw = gateway(&dir, Arc::new(secret));
+    let _watch = wsgate::watcher::watch(gw.clone()).unwrap();
+    // Rotate the key: the file is replaced, the policy directory untouched.
+    let tmp = keys.path().join(".pub.pem.tmp");
+    std::fs::write(&tmp, key_pem()).unwrap();
+    std::fs::rename(&tmp, keys.path().join("pub.pem")).unwrap();
+    wait_for(|| gw.policy().generation == 2).await;
+}
