@@ -1,5 +1,7 @@
 //! Tokens in a handshake: where to find one (the policy's `auth.token_sources`, in order),
-//! when it stops being valid, and what of the request connect rules may see.
+//! whether it admits a connection ([`admit`]: the same decision for a handshake, a
+//! re-authentication, an `auth` message and a policy reload), when it stops being valid, and
+//! what of the request connect rules may see.
 //!
 //! A token is a bearer credential: it is never logged, never echoed and never shown to CEL.
 //! [`request_info`] therefore strips every place a token could be (the token's query
@@ -12,7 +14,10 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::http::Request;
-use crate::policy::{RequestInfo, TokenSource};
+use crate::policy::decision::{Denial, LimitError};
+use crate::policy::expr::EvalError;
+use crate::policy::keys::TokenError;
+use crate::policy::{ConnLimits, Policy, RequestInfo, TokenSource, Verdict};
 
 /// The subprotocol wsgate speaks; clients that send a token as a subprotocol offer it too.
 pub const SUBPROTOCOL: &str = "wsgate.v1";
@@ -115,6 +120,95 @@ pub fn expiry(claims: &serde_json::Value, leeway: Duration) -> Option<SystemTime
     let exp = claims.get("exp")?;
     let secs = exp.as_u64().or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))?;
     UNIX_EPOCH.checked_add(Duration::from_secs(secs))?.checked_add(leeway)
+}
+
+/// A token that admits a connection.
+#[derive(Debug)]
+pub struct Admission {
+    /// The user id (`auth.user_id`).
+    pub user: String,
+    /// The verified claims.
+    pub claims: serde_json::Value,
+    /// When the token stops being valid (`exp` + leeway).
+    pub expires: Option<SystemTime>,
+    /// The connection's limits.
+    pub limits: ConnLimits,
+}
+
+/// Why a token does not admit a connection.
+#[derive(Debug)]
+pub enum NotAdmitted {
+    /// The token does not verify.
+    Token(TokenError),
+    /// It verifies, but for another user than the connection's.
+    OtherUser,
+    /// A connect rule refuses it.
+    Rule {
+        /// The rule.
+        denial: Denial,
+        /// The user id, when it could be determined.
+        user: Option<String>,
+    },
+    /// `auth.user_id` could not be evaluated.
+    NoUser(EvalError),
+    /// The user's tokens up to this one's `iat` were revoked.
+    Revoked {
+        /// The user.
+        user: String,
+    },
+    /// The connection's limits could not be evaluated.
+    Limits {
+        /// The user.
+        user: String,
+        /// Which limit, and why.
+        error: LimitError,
+    },
+}
+
+/// Decides whether `token` admits a connection under `policy`, in SPEC §3's order: JWT →
+/// connect rules → user id → revocation → limits. With `expected_user` (a live connection
+/// checking itself again), a token for anyone else is refused right after the JWT. Where the
+/// token came from, the origin and the per-address and per-user counts are the caller's.
+/// Also returns the audit-mode connect rules that would have refused (empty when the rules did
+/// not run).
+pub fn admit(
+    policy: &Policy,
+    token: &str,
+    request: &RequestInfo,
+    expected_user: Option<&str>,
+    revocations: &Revocations,
+    now: SystemTime,
+) -> (Result<Admission, NotAdmitted>, Vec<Denial>) {
+    let claims = match policy.auth.jwt.verify(token) {
+        Ok(claims) => claims,
+        Err(e) => return (Err(NotAdmitted::Token(e)), Vec::new()),
+    };
+    let scope = policy.handshake_scope(&claims, request, now);
+    if let Some(expected) = expected_user {
+        match scope.user_id() {
+            Ok(user) if user == expected => {}
+            Ok(_) => return (Err(NotAdmitted::OtherUser), Vec::new()),
+            Err(e) => return (Err(NotAdmitted::NoUser(e)), Vec::new()),
+        }
+    }
+    let Verdict { denied, audit } = scope.connect_rules();
+    if let Some(denial) = denied {
+        return (Err(NotAdmitted::Rule { denial, user: scope.user_id().ok() }), audit);
+    }
+    let user = match scope.user_id() {
+        Ok(user) => user,
+        Err(e) => return (Err(NotAdmitted::NoUser(e)), audit),
+    };
+    if revocations.is_revoked(&user, &claims, now) {
+        return (Err(NotAdmitted::Revoked { user }), audit);
+    }
+    let limits = match scope.limits() {
+        Ok(limits) => limits,
+        Err(error) => return (Err(NotAdmitted::Limits { user, error }), audit),
+    };
+    drop(scope);
+    let expires = expiry(&claims, Duration::from_secs(policy.auth.jwt.validation.leeway));
+    (Ok(Admission { user, claims, expires, limits }), audit)
 }
 
 /// Revoked tokens, by user: `POST /v1/disconnect` with `revoke_tokens` refuses every token of

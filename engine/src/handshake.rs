@@ -12,13 +12,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tungstenite::handshake::derive_accept_key;
 
-use crate::auth::{self, SUBPROTOCOL};
+use crate::auth::{self, Admission, NotAdmitted, SUBPROTOCOL};
 use crate::close::Refusal;
 use crate::gateway::{Gateway, Phase};
 use crate::http::Request;
 use crate::limits::IpSlot;
 use crate::policy::decision::Denial;
-use crate::policy::{ConnLimits, Policy, RequestInfo, Verdict};
+use crate::policy::{ConnLimits, Policy, RequestInfo};
 
 /// The WebSocket endpoint.
 pub const WS_PATH: &str = "/ws";
@@ -94,39 +94,9 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
     let Some(token) = auth::find_token(request, &policy.auth.token_sources) else {
         return Err(Refusal::Unauthorized("no token".into()).into());
     };
-    let claims = policy.auth.jwt.verify(&token).map_err(|e| Refusal::Unauthorized(e.reason().into()))?;
     let request_info = auth::request_info(request, peer.ip(), &policy.auth.token_sources);
-    let scope = policy.handshake_scope(&claims, &request_info, SystemTime::now());
-    let Verdict { denied, audit } = scope.connect_rules();
-    if let Some(denial) = denied {
-        return Err(Box::new(Refused { refusal: forbidden(&denial), user: scope.user_id().ok(), rule: Some(denial) }));
-    }
-    // No user id, no identity: 401, as `wsgate policy test` reports it.
-    let user = scope.user_id().map_err(|e| {
-        Box::new(Refused {
-            refusal: Refusal::Unauthorized("the user id could not be determined".into()),
-            user: None,
-            rule: Some(failed_rule("auth.user_id", &e.0)),
-        })
-    })?;
-    if gw.revocations.is_revoked(&user, &claims, SystemTime::now()) {
-        return Err(Box::new(Refused {
-            refusal: Refusal::Unauthorized("token revoked".into()),
-            user: Some(user),
-            rule: None,
-        }));
-    }
-    let limits = scope.limits().map_err(|e| {
-        Box::new(Refused {
-            refusal: Refusal::Forbidden {
-                rule: e.key.into(),
-                reason: "the connection's limits could not be evaluated".into(),
-            },
-            user: Some(user.clone()),
-            rule: Some(failed_rule(e.key, &e.error)),
-        })
-    })?;
-    drop(scope);
+    let (admitted, audit) = auth::admit(&policy, &token, &request_info, None, &gw.revocations, SystemTime::now());
+    let Admission { user, claims, expires, limits } = admitted.map_err(refused)?;
     let too_many = |reason, retry_after_secs| {
         Box::new(Refused {
             refusal: Refusal::TooMany { reason, retry_after_secs },
@@ -140,13 +110,12 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
     if let Err(wait) = gw.reconnects.admit(&user, now, limits.reconnects_max, limits.reconnects_per) {
         return Err(too_many("too many connection attempts for this user", ceil_secs(wait)));
     }
-    let expires_at = auth::expiry(&claims, Duration::from_secs(policy.auth.jwt.validation.leeway));
     Ok(Admitted {
         policy,
         user,
         claims,
         token,
-        expires_at,
+        expires_at: expires,
         limits,
         request: request_info,
         subprotocol,
@@ -154,6 +123,32 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
         audit,
         ip_slot,
     })
+}
+
+/// The handshake's answer to a token that does not admit the connection.
+fn refused(not: NotAdmitted) -> Box<Refused> {
+    let (refusal, user, rule) = match not {
+        NotAdmitted::Token(e) => (Refusal::Unauthorized(e.reason().into()), None, None),
+        NotAdmitted::Rule { denial, user } => (forbidden(&denial), user, Some(denial)),
+        // No user id, no identity: 401, as `wsgate policy test` reports it.
+        NotAdmitted::NoUser(e) => (
+            Refusal::Unauthorized("the user id could not be determined".into()),
+            None,
+            Some(failed_rule("auth.user_id", &e.0)),
+        ),
+        NotAdmitted::Revoked { user } => (Refusal::Unauthorized("token revoked".into()), Some(user), None),
+        NotAdmitted::Limits { user, error } => (
+            Refusal::Forbidden {
+                rule: error.key.into(),
+                reason: "the connection's limits could not be evaluated".into(),
+            },
+            Some(user),
+            Some(failed_rule(error.key, &error.error)),
+        ),
+        // Only a live connection's re-check names the user it expects.
+        NotAdmitted::OtherUser => (Refusal::Unauthorized("the token is for another user".into()), None, None),
+    };
+    Box::new(Refused { refusal, user, rule })
 }
 
 fn forbidden(denial: &Denial) -> Refusal {

@@ -30,7 +30,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::auth;
+use crate::auth::{self, Admission, NotAdmitted};
 use crate::broker::Delivery;
 use crate::broker::hub::{Outbound, Outbox, SessionId};
 use crate::close::{CloseCode, ErrorCode};
@@ -109,52 +109,39 @@ impl Timers {
     }
 }
 
-/// Why a connection is no longer admitted (a re-authentication or a reload).
+/// Why a connection is no longer admitted (a re-authentication, an `auth` message or a reload).
 enum Denied {
-    /// The token does not verify (with the reloaded keys, or at all).
-    Token(TokenError),
-    /// The token is valid but names someone else.
-    OtherUser,
-    /// No user id could be determined.
-    NoUser,
-    /// Its tokens were revoked.
-    Revoked,
     /// The origin is no longer allowed.
     Origin(String),
-    /// A connect rule refuses it.
-    Rule(String),
-    /// Its limits cannot be evaluated under the policy.
-    Limits(&'static str),
+    /// The token no longer admits it.
+    Token(NotAdmitted),
 }
 
 impl Denied {
     /// The close code: a token that no longer verifies is 4001 at a re-authentication, and
     /// 4003 after a reload (a reload changed what is accepted), unless it simply expired.
     fn code(&self, reload: bool) -> CloseCode {
+        use NotAdmitted::{NoUser, OtherUser, Token};
         match self {
-            Denied::Token(TokenError::Expired) => CloseCode::TokenExpired,
-            Denied::Token(_) | Denied::OtherUser | Denied::NoUser if !reload => CloseCode::TokenExpired,
+            Denied::Token(Token(TokenError::Expired)) => CloseCode::TokenExpired,
+            Denied::Token(Token(_) | OtherUser | NoUser(_)) if !reload => CloseCode::TokenExpired,
             _ => CloseCode::Revoked,
         }
     }
 
     fn reason(&self) -> String {
         match self {
-            Denied::Token(e) => e.reason().to_string(),
-            Denied::OtherUser => "the token is for another user".into(),
-            Denied::NoUser => "the user id could not be determined".into(),
-            Denied::Revoked => "token revoked".into(),
-            Denied::Origin(reason) | Denied::Rule(reason) => reason.clone(),
-            Denied::Limits(key) => format!("{key} could not be evaluated"),
+            Denied::Origin(reason) => reason.clone(),
+            Denied::Token(not) => match not {
+                NotAdmitted::Token(e) => e.reason().to_string(),
+                NotAdmitted::OtherUser => "the token is for another user".into(),
+                NotAdmitted::NoUser(_) => "the user id could not be determined".into(),
+                NotAdmitted::Revoked { .. } => "token revoked".into(),
+                NotAdmitted::Rule { denial, .. } => denial.reason.to_string(),
+                NotAdmitted::Limits { error, .. } => format!("{} could not be evaluated", error.key),
+            },
         }
     }
-}
-
-/// A token and policy that admit this connection.
-struct Admission {
-    claims: Value,
-    expires: Option<SystemTime>,
-    limits: ConnLimits,
 }
 
 /// What the loop does after a handler.
@@ -584,35 +571,20 @@ where
     }
 
     /// Whether `token` admits this connection under `policy`, as the handshake would decide
-    /// (origin, signature, expiry, the same user, revocation, connect rules, limits); the
-    /// per-address and per-user counts are left to new handshakes.
+    /// (origin, then [`auth::admit`] for the same user); the per-address and per-user counts
+    /// are left to new handshakes.
     fn admit(&self, policy: &Policy, token: &str, kind: &'static str) -> Result<Admission, Denied> {
         policy.check_origin(self.request.origin.as_deref()).map_err(|d| Denied::Origin(d.reason.to_string()))?;
-        let claims = policy.auth.jwt.verify(token).map_err(Denied::Token)?;
-        let scope = policy.handshake_scope(&claims, &self.request, SystemTime::now());
-        match scope.user_id() {
-            Ok(user) if user == self.user => {}
-            Ok(_) => return Err(Denied::OtherUser),
-            Err(_) => return Err(Denied::NoUser),
-        }
-        if self.gw.revocations.is_revoked(&self.user, &claims, SystemTime::now()) {
-            return Err(Denied::Revoked);
-        }
-        let verdict = scope.connect_rules();
-        decisions::would_deny(&self.gw.metrics, kind, &verdict.audit, &self.user, self.ip, &self.name);
-        if let Some(denial) = verdict.denied {
-            return Err(Denied::Rule(denial.reason.to_string()));
-        }
-        let limits = scope.limits().map_err(|e| Denied::Limits(e.key))?;
-        drop(scope);
-        let expires = auth::expiry(&claims, Duration::from_secs(policy.auth.jwt.validation.leeway));
-        Ok(Admission { claims, expires, limits })
+        let now = SystemTime::now();
+        let (admitted, audit) = auth::admit(policy, token, &self.request, Some(&self.user), &self.gw.revocations, now);
+        decisions::would_deny(&self.gw.metrics, kind, &audit, &self.user, self.ip, &self.name);
+        admitted.map_err(Denied::Token)
     }
 
     /// Moves the connection to `policy` (and a new token, if given): its rules, limits,
     /// timers and frame limits from the next event on.
     fn adopt(&mut self, policy: Arc<Policy>, token: Option<String>, admission: Admission) {
-        let Admission { claims, expires, limits } = admission;
+        let Admission { claims, expires, limits, .. } = admission;
         let conn = ConnInfo {
             id: self.name.clone(),
             user: self.user.clone(),
