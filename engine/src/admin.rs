@@ -64,6 +64,9 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
             return;
         }
         ("GET", "/readyz") => match gw.phase() {
+            Phase::Running if gw.cluster.as_ref().is_some_and(|c| !c.is_up()) => {
+                reply(503, json!({"status": "redis_unavailable"}))
+            }
             Phase::Running => reply(200, json!({"status": "ready"})),
             Phase::Draining => reply(503, json!({"status": "draining"})),
             Phase::Closed => reply(503, json!({"status": "closed"})),
@@ -77,7 +80,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Ga
             Err(r) => r,
             Ok(()) => match http::read_body(&mut stream, &request, MAX_BODY_BYTES, REQUEST_TIMEOUT).await {
                 Ok(body) if path == "/v1/publish" => publish(&gw, &body).await,
-                Ok(body) => disconnect(&gw, &body),
+                Ok(body) => disconnect(&gw, &body).await,
                 Err(http::ReadError::TooLarge) => error(413, "bad_request", "body too large"),
                 Err(http::ReadError::LengthRequired) => error(411, "bad_request", "a body needs Content-Length"),
                 Err(http::ReadError::Malformed) => {
@@ -189,8 +192,10 @@ async fn reload(gw: &Gateway) -> Reply {
 
 /// `POST /v1/disconnect {"user": "...", "reason": "logout", "revoke_tokens": true}`: closes the
 /// user's connections with 4010; with `revoke_tokens`, the user's tokens issued until now are
-/// refused (see [`crate::auth::Revocations`]).
-fn disconnect(gw: &Gateway, body: &[u8]) -> Reply {
+/// refused (see [`crate::auth::Revocations`]). With `--redis` the revocation is stored in Redis
+/// and every other instance closes the user's connections too; `everywhere` says whether Redis
+/// carried it (`false`: this instance only, Redis is away).
+async fn disconnect(gw: &Gateway, body: &[u8]) -> Reply {
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return error(400, "bad_request", &format!("body is not JSON: {e}")),
@@ -209,12 +214,17 @@ fn disconnect(gw: &Gateway, body: &[u8]) -> Reply {
         Some(_) => return error(400, "bad_request", "`revoke_tokens` must be true or false"),
     };
     // Revoke first: a client reconnecting right after the close must already be refused.
+    let now = std::time::SystemTime::now();
     if revoke {
-        gw.revocations.revoke(user, std::time::SystemTime::now());
+        gw.revocations.revoke(user, now);
     }
     let closed = gw.sessions.close_user(user, CloseCode::LoggedOut, reason);
-    tracing::info!(target: crate::decisions::TARGET, kind = "admin", outcome = "disconnect", user, closed, revoke, "user disconnected");
-    reply(200, json!({"user": user, "closed": closed, "revoked": revoke}))
+    let everywhere = match &gw.cluster {
+        Some(cluster) => cluster.disconnect(user, reason, revoke.then_some(now)).await,
+        None => true,
+    };
+    tracing::info!(target: crate::decisions::TARGET, kind = "admin", outcome = "disconnect", user, closed, revoke, everywhere, "user disconnected");
+    reply(200, json!({"user": user, "closed": closed, "revoked": revoke, "everywhere": everywhere}))
 }
 
 #[cfg(test)]

@@ -240,6 +240,21 @@ impl Revocations {
         users.insert(user.to_string(), (at, at + self.ttl));
     }
 
+    /// Records a revocation made elsewhere (another instance, or Redis at start-up): every
+    /// token of `user` issued up to `at` is refused until `until`. A later revocation of the
+    /// same user is kept over an earlier one.
+    pub fn insert(&self, user: &str, at: SystemTime, until: SystemTime) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
+        users.retain(|_, (_, until)| *until > now);
+        match users.get(user) {
+            Some((known, _)) if *known >= at => {}
+            _ => {
+                users.insert(user.to_string(), (at, until));
+            }
+        }
+    }
+
     /// Whether `claims` (of `user`) were issued before a revocation still in force at `now`.
     pub fn is_revoked(&self, user: &str, claims: &serde_json::Value, now: SystemTime) -> bool {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
@@ -340,6 +355,21 @@ mod tests {
         assert!(r.is_revoked("alice", &serde_json::json!({}), now), "no iat: refused");
         assert!(!r.is_revoked("bob", &iat(50.0), now));
         assert!(!r.is_revoked("alice", &iat(50.0), at + Duration::from_secs(3601)), "expired revocation");
+    }
+
+    #[test]
+    fn a_revocation_from_elsewhere_keeps_the_later_one() {
+        let r = Revocations::new(Duration::from_secs(60));
+        let now = SystemTime::now();
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs() as f64;
+        let later = now - Duration::from_secs(5);
+        let earlier = now - Duration::from_secs(50);
+        r.insert("alice", later, now + Duration::from_secs(60));
+        r.insert("alice", earlier, now + Duration::from_secs(60));
+        let iat = serde_json::json!({"iat": secs(later) - 1.0});
+        assert!(r.is_revoked("alice", &iat, now), "the earlier revocation did not replace the later one");
+        r.insert("bob", earlier, now - Duration::from_secs(1));
+        assert!(!r.is_revoked("bob", &serde_json::json!({}), now), "a lapsed revocation refuses nothing");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The state one gateway instance shares between its connections: the active policy, the
-//! broker, the session registry, the limiters and the lifecycle phase. Everything else about a
+//! broker (and, with `--redis`, the link to the other instances), the session registry, the
+//! limiters and the lifecycle phase. Everything else about a
 //! connection lives in its own task ([`crate::session`]).
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use crate::auth::Revocations;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
+use crate::cluster::{Cluster, RedisBackplane};
 use crate::limits::{IpCounter, KeyedWindows, Pacer, RateEstimator};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -99,6 +101,8 @@ pub struct Gateway {
     pub hub: Arc<Hub>,
     /// Carries publishes to every instance (embedded: just this one).
     pub backplane: Arc<dyn Backplane>,
+    /// The link to Redis and the other instances (`--redis`); `None`: a single instance.
+    pub cluster: Option<Arc<Cluster>>,
     /// Message ids, unique across instances.
     pub ids: MessageIds,
     /// Live sessions by user: max per user, logout.
@@ -123,16 +127,40 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway serving `policy` with the embedded broker.
+    /// A gateway serving `policy` with the embedded broker: one instance.
     pub fn new(policy: Arc<Policy>, options: GatewayOptions) -> Arc<Gateway> {
+        let metrics = Arc::new(Metrics::default());
+        Gateway::build(policy, options, metrics, None)
+    }
+
+    /// A gateway that is one of several instances sharing the Redis at `url`. Must be called
+    /// inside the runtime (it starts the Redis tasks). A Redis that is down is waited for;
+    /// only a malformed URL is an error.
+    pub fn with_redis(policy: Arc<Policy>, options: GatewayOptions, url: &str) -> Result<Arc<Gateway>, String> {
+        let metrics = Arc::new(Metrics::default());
+        let cluster = Cluster::new(url, metrics.clone(), options.revocation_ttl)?;
+        let gw = Gateway::build(policy, options, metrics, Some(cluster.clone()));
+        cluster.start(&gw);
+        Ok(gw)
+    }
+
+    fn build(
+        policy: Arc<Policy>,
+        options: GatewayOptions,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Gateway> {
         // The spike window until the first check evaluates `connections.spike` again.
         let spike_window = crate::policy::decision::spike_threshold(&policy, std::time::SystemTime::now())
             .map_or(std::time::Duration::from_secs(10), |(_, per)| per);
-        let metrics = Arc::new(Metrics::default());
         metrics.policy_generation.store(policy.generation, std::sync::atomic::Ordering::Relaxed);
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        let backplane = Arc::new(LocalBackplane::new(hub.clone()));
+        let backplane: Arc<dyn Backplane> = match &cluster {
+            Some(cluster) => Arc::new(RedisBackplane::new(hub.clone(), cluster.clone())),
+            None => Arc::new(LocalBackplane::new(hub.clone())),
+        };
         Arc::new(Gateway {
+            cluster,
             policy: watch::channel(policy).0,
             reloads: Reloads::default(),
             metrics,

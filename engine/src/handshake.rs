@@ -1,6 +1,6 @@
 //! Every check before the upgrade (SPEC §3), in order: path → method and upgrade headers →
 //! lifecycle → `Origin` → token → JWT → connect rules → user id → limits → per-IP concurrent
-//! connections → per-user reconnects. A refused client gets a plain HTTP response with a JSON
+//! connections → per-user reconnects (the last two across the cluster with `--redis`). A refused client gets a plain HTTP response with a JSON
 //! body and never a WebSocket; an admitted one gets `101` written here, by hand, so that all
 //! of these checks may be asynchronous and none runs inside tungstenite's callback.
 
@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use tungstenite::handshake::derive_accept_key;
 
 use crate::auth::{self, Admission, NotAdmitted, SUBPROTOCOL};
+use crate::broker::hub::SessionId;
 use crate::close::Refusal;
+use crate::cluster::{self, Lease, keys};
 use crate::gateway::{Gateway, Phase};
 use crate::http::Request;
 use crate::limits::IpSlot;
@@ -48,8 +50,12 @@ pub struct Admitted {
     pub ws_key: String,
     /// Audit-mode connect rules that would have refused.
     pub audit: Vec<Denial>,
+    /// The session number, given here so the cluster's counts can name the connection.
+    pub session: SessionId,
     /// The per-IP slot this connection holds until it ends.
     pub ip_slot: IpSlot,
+    /// Its place in the cluster's counts (with `--redis`), held until it ends.
+    pub lease: Option<Lease>,
 }
 
 /// A refusal with what the decision log needs.
@@ -70,7 +76,7 @@ impl From<Refusal> for Box<Refused> {
 }
 
 /// Runs every check on an upgrade request.
-pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) -> Result<Admitted, Box<Refused>> {
+pub async fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) -> Result<Admitted, Box<Refused>> {
     if request.path != WS_PATH {
         return Err(Refusal::NotFound.into());
     }
@@ -104,12 +110,16 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
             rule: None,
         })
     };
-    let Some(ip_slot) = gw.per_ip.acquire(peer.ip(), limits.max_per_ip) else {
-        return Err(too_many("too many connections from this address", PER_IP_RETRY_AFTER_SECS));
+    let session = gw.next_session_id();
+    let (ip_slot, lease) = match count(gw, peer.ip(), &user, &limits, session, now).await {
+        Ok(counted) => counted,
+        Err(Limited::PerIp) => {
+            return Err(too_many("too many connections from this address", PER_IP_RETRY_AFTER_SECS));
+        }
+        Err(Limited::Reconnects(wait)) => {
+            return Err(too_many("too many connection attempts for this user", ceil_secs(wait)));
+        }
     };
-    if let Err(wait) = gw.reconnects.admit(&user, now, limits.reconnects_max, limits.reconnects_per) {
-        return Err(too_many("too many connection attempts for this user", ceil_secs(wait)));
-    }
     Ok(Admitted {
         policy,
         user,
@@ -121,8 +131,56 @@ pub fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) ->
         subprotocol,
         ws_key,
         audit,
+        session,
         ip_slot,
+        lease,
     })
+}
+
+/// A limit on counts that refused a handshake.
+enum Limited {
+    PerIp,
+    Reconnects(Duration),
+}
+
+/// Counts the connection against `max_per_ip` and the user's reconnect window: across the
+/// cluster while Redis is up, on this instance otherwise. The local counts are kept either way,
+/// so they are current the moment Redis goes away.
+async fn count(
+    gw: &Gateway,
+    ip: std::net::IpAddr,
+    user: &str,
+    limits: &ConnLimits,
+    session: SessionId,
+    now: Instant,
+) -> Result<(IpSlot, Option<Lease>), Limited> {
+    let Some(cluster) = &gw.cluster else {
+        let slot = gw.per_ip.acquire(ip, limits.max_per_ip).ok_or(Limited::PerIp)?;
+        gw.reconnects
+            .admit(&user.to_string(), now, limits.reconnects_max, limits.reconnects_per)
+            .map_err(Limited::Reconnects)?;
+        return Ok((slot, None));
+    };
+    let member = keys::member(cluster::now_ms(), cluster.origin(), session);
+    if cluster.is_up() {
+        match cluster.admit(ip, user, limits, member.clone()).await {
+            Ok(cluster::Admission::Admitted(lease)) => {
+                let slot = gw.per_ip.acquire(ip, u64::MAX).ok_or(Limited::PerIp)?;
+                let _ = gw.reconnects.admit(&user.to_string(), now, u64::MAX, limits.reconnects_per);
+                return Ok((slot, Some(lease)));
+            }
+            Ok(cluster::Admission::PerIp) => return Err(Limited::PerIp),
+            Ok(cluster::Admission::Reconnects(wait)) => return Err(Limited::Reconnects(wait)),
+            // Redis failed just now (it is marked away): count here.
+            Err(()) => {}
+        }
+    }
+    let slot = gw.per_ip.acquire(ip, limits.max_per_ip).ok_or(Limited::PerIp)?;
+    gw.reconnects
+        .admit(&user.to_string(), now, limits.reconnects_max, limits.reconnects_per)
+        .map_err(Limited::Reconnects)?;
+    // Known here, and added to the cluster's counts when Redis returns.
+    Ok((slot, Some(cluster.lease_locally(ip, member))))
 }
 
 /// The handshake's answer to a token that does not admit the connection.

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod close;
+pub mod cluster;
 pub mod decisions;
 pub mod gateway;
 pub mod handshake;

@@ -239,7 +239,7 @@ where
     if request.path == handshake::WS_PATH {
         gw.record_handshake();
     }
-    let admitted = match handshake::check(&gw, &request, peer, started) {
+    let admitted = match handshake::check(&gw, &request, peer, started).await {
         Ok(admitted) => admitted,
         Err(refused) => {
             if refused.refusal == Refusal::NotFound {

@@ -34,6 +34,7 @@ use crate::auth::{self, Admission, NotAdmitted};
 use crate::broker::Delivery;
 use crate::broker::hub::{Outbound, Outbox, SessionId};
 use crate::close::{CloseCode, ErrorCode};
+use crate::cluster::Lease;
 use crate::decisions;
 use crate::gateway::{Failpoint, Gateway, Phase};
 use crate::handshake::Admitted;
@@ -199,6 +200,8 @@ pub struct Session<S> {
     timers: Timers,
     /// Keeps this connection counted against its IP until it ends.
     _ip_slot: IpSlot,
+    /// Keeps it counted across the cluster (`--redis`) until it ends.
+    _lease: Option<Lease>,
 }
 
 /// Builds the session, registers it (replacing older ones of the user), subscribes it to
@@ -208,8 +211,9 @@ pub fn open<S>(ws: WebSocket<S>, admitted: Admitted, gw: Arc<Gateway>) -> Box<Se
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let Admitted { policy, user, claims, token, expires_at, limits, request, ip_slot, audit, .. } = admitted;
-    let id = gw.next_session_id();
+    let Admitted {
+        policy, user, claims, token, expires_at, limits, request, ip_slot, lease, audit, session: id, ..
+    } = admitted;
     let name = format!("{}.{id}", gw.options.instance_id);
     let ip = request.ip;
     decisions::would_deny(&gw.metrics, "handshake", &audit, &user, ip, &name);
@@ -252,8 +256,16 @@ where
         request,
         timers,
         _ip_slot: ip_slot,
+        _lease: None,
     });
     let replaced = gw.sessions.register(&session.user, id, session.mailbox.clone(), max_per_user);
+    if let (Some(cluster), Some(lease)) = (&gw.cluster, &lease) {
+        // Connections of the user on other instances beyond `max_per_user` close with 4009.
+        let (cluster, gw, member, user) =
+            (cluster.clone(), gw.clone(), lease.member().to_string(), session.user.clone());
+        tokio::spawn(async move { cluster.register(&gw, &member, &user, max_per_user).await });
+    }
+    session._lease = lease;
     gw.metrics.connections_active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(session = %session.name, user = %session.user, ip = %ip, replaced, "connection opened");
     session.subscribe("alerts");

@@ -101,6 +101,21 @@ impl Registry {
         mailboxes.len()
     }
 
+    /// Tells one session of `user` to close; returns whether it is live here.
+    pub fn close_session(&self, user: &str, id: SessionId, code: CloseCode, reason: &str) -> bool {
+        let mailbox = {
+            let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            users.get(user).and_then(|s| s.iter().find(|e| e.id == id)).map(|e| e.mailbox.clone())
+        };
+        match mailbox {
+            Some(m) => {
+                m.post(Control::Close(code, reason.to_string()));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Live sessions of `user`.
     pub fn count(&self, user: &str) -> usize {
         self.users.lock().unwrap_or_else(|e| e.into_inner()).get(user).map_or(0, Vec::len)
@@ -121,8 +136,12 @@ mod tests {
         assert_eq!(a.recv().await, Control::Close(CloseCode::Replaced, "replaced by a newer connection".into()));
         assert!(b.slot.lock().unwrap().is_none() && c.slot.lock().unwrap().is_none());
         assert_eq!(r.count("u"), 2);
+        assert!(!r.close_session("u", 1, CloseCode::Replaced, "gone already"));
+        assert!(!r.close_session("v", 2, CloseCode::Replaced, "another user's"));
+        assert!(r.close_session("u", 2, CloseCode::Replaced, "elsewhere"));
+        assert_eq!(b.recv().await, Control::Close(CloseCode::Replaced, "elsewhere".into()));
         assert_eq!(r.close_user("u", CloseCode::LoggedOut, "bye"), 2);
-        assert_eq!(b.recv().await, Control::Close(CloseCode::LoggedOut, "bye".into()));
+        assert_eq!(c.recv().await, Control::Close(CloseCode::LoggedOut, "bye".into()));
         r.deregister("u", 2);
         r.deregister("u", 3);
         assert_eq!(r.count("u"), 0);

@@ -101,9 +101,6 @@ fn init_logging(format: LogFormat) {
 /// Runs `wsgate serve` to the end.
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
-    if args.redis.is_some() {
-        return refuse_start("--redis: Redis scale-out is not part of this build yet");
-    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => match Tls::load(cert, key) {
             Ok(tls) => Some(Arc::new(tls)),
@@ -179,7 +176,13 @@ pub fn run(args: ServeArgs) -> ExitCode {
         };
         // Handlers go in before anyone can know the address: a SIGTERM right after the listening
         // line must drain, not kill.
-        let gw = Gateway::new(policy, gateway_options);
+        let gw = match args.redis.as_deref().filter(|url| !url.is_empty()) {
+            None => Gateway::new(policy, gateway_options),
+            Some(url) => match Gateway::with_redis(policy, gateway_options, url) {
+                Ok(gw) => gw,
+                Err(e) => return refuse_start(&e),
+            },
+        };
         let shutdown = match shutdown_signal(tls.clone(), gw.clone()) {
             Ok(s) => s,
             Err(e) => return refuse_start(&format!("cannot install signal handlers: {e}")),

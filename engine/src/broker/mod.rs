@@ -1,6 +1,6 @@
 //! Fan-out: local subscriptions in a [`hub::Hub`], and a [`Backplane`] that carries every
 //! publish to every instance. The embedded backplane serves one instance; the Redis one (with
-//! `--redis`) implements the same trait.
+//! `--redis`, [`crate::cluster`]) implements the same trait.
 
 pub mod hub;
 
@@ -28,6 +28,20 @@ impl Delivery {
     /// Builds the `message` frame for `data` on `channel`.
     pub fn new(channel: &str, id: String, data: &serde_json::Value) -> Delivery {
         let frame = serde_json::json!({"type": "message", "channel": channel, "id": id, "data": data}).to_string();
+        Delivery { channel: channel.to_string(), id, frame: Utf8Bytes::from(frame) }
+    }
+
+    /// Builds the frame around `data` that is already JSON text (as it came from another
+    /// instance), without parsing it again. The keys are in the order [`Delivery::new`] writes
+    /// them, so a message is the same bytes whichever instance framed it.
+    pub fn from_raw(channel: &str, id: String, data: &serde_json::value::RawValue) -> Delivery {
+        let quoted = |s: &str| serde_json::Value::from(s).to_string();
+        let frame = format!(
+            "{{\"channel\":{},\"data\":{},\"id\":{},\"type\":\"message\"}}",
+            quoted(channel),
+            data.get(),
+            quoted(&id)
+        );
         Delivery { channel: channel.to_string(), id, frame: Utf8Bytes::from(frame) }
     }
 }
@@ -79,14 +93,7 @@ pub struct MessageIds {
 impl MessageIds {
     /// Ids with a fresh random prefix.
     pub fn new() -> MessageIds {
-        let mut bytes = [0u8; 6];
-        // Uniqueness, not secrecy: fall back to the clock if the OS has no randomness.
-        if getrandom::fill(&mut bytes).is_err() {
-            let nanos =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-            bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
-        }
-        MessageIds { prefix: bytes.iter().map(|b| format!("{b:02x}")).collect(), next: AtomicU64::new(1) }
+        MessageIds { prefix: random_tag(), next: AtomicU64::new(1) }
     }
 
     /// The next id.
@@ -95,8 +102,37 @@ impl MessageIds {
     }
 }
 
+/// Twelve random hex digits naming this process among instances (message ids, the origin of
+/// what it sends through Redis). Uniqueness, not secrecy: falls back to the clock if the OS has
+/// no randomness.
+pub fn random_tag() -> String {
+    let mut bytes = [0u8; 6];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Default for MessageIds {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_from_raw_data_is_the_same_bytes_as_one_from_a_value() {
+        let data = serde_json::json!({"level": "high", "n": [1, 2.5, "\u{e9}\"x"]});
+        let raw = serde_json::value::RawValue::from_string(data.to_string()).unwrap();
+        let a = Delivery::new("alerts:\"eu\"", "ab-1".into(), &data);
+        let b = Delivery::from_raw("alerts:\"eu\"", "ab-1".into(), &raw);
+        assert_eq!(a.frame, b.frame);
+        let parsed: serde_json::Value = serde_json::from_str(b.frame.as_str()).unwrap();
+        assert_eq!(parsed["data"], data);
+        assert_eq!(parsed["type"], "message");
     }
 }

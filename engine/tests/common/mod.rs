@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod inproc;
+pub mod proxy;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

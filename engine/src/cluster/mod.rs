@@ -1,0 +1,706 @@
+//! Several instances as one gateway, through Redis (`--redis URL`).
+//!
+//! - **Fan-out** ([`RedisBackplane`]): a publish is delivered to this instance's subscribers at
+//!   once and published to `wsgate:ch:<channel>`; other instances deliver it to theirs. An
+//!   instance subscribes only to the channels it has local subscribers for, and skips its own
+//!   publishes when Redis echoes them (they carry its origin), so every subscriber gets a
+//!   message exactly once, under the id its publisher gave it.
+//! - **Counts** ([`scripts`]): per-IP concurrent connections, the per-user reconnect window and
+//!   the user's live connections (`max_per_user`, newest wins) are counted in Redis by atomic
+//!   scripts, over leases that lapse when an instance stops renewing them.
+//! - **Control** ([`wire::Control`] on `wsgate:control`): replacements (4009) and disconnects
+//!   (4010) of connections on other instances. Revocations are also kept in Redis keys with a
+//!   TTL, read by an instance when it starts and whenever Redis returns.
+//! - **Health**: every [`PROBE_INTERVAL`] the instance publishes a probe to a channel only it
+//!   subscribes to and checks that the last one came back through its subscription: a
+//!   subscription that is wedged while commands still work is noticed and rebuilt. While Redis
+//!   is away (`wsgate_redis_up` 0, `/readyz` 503) every client stays connected, local delivery
+//!   goes on, and the limits fall back to this instance's own counts.
+
+pub mod keys;
+mod scripts;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::hub::{Fanout, Hub, SessionId};
+use crate::broker::{Backplane, BoxFuture, BrokerError, Delivery, random_tag};
+use crate::close::CloseCode;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::policy::ConnLimits;
+use wire::{Control, Dropped};
+
+/// How often the instance probes Redis and its own subscription.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Probes in a row that may go missing before the subscription connection is rebuilt.
+pub const WEDGED_AFTER: u32 = 3;
+/// How long a connection's lease lasts unless renewed: a crashed instance's connections stop
+/// counting after this.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// How often an instance renews its connections' leases.
+pub const LEASE_REFRESH: Duration = Duration::from_secs(10);
+/// Longest wait for one Redis reply; a slower Redis counts as away.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Commands per pipeline when renewing leases.
+const PIPELINE_CHUNK: usize = 500;
+
+/// One instance's link to Redis.
+pub struct Cluster {
+    /// For the subscription connection, which the subscriber task builds (and rebuilds).
+    client: redis::Client,
+    /// Commands and publishes (multiplexed, reconnecting).
+    commands: ConnectionManager,
+    /// Names this process in Redis: its publishes, its leases, its probe channel.
+    origin: String,
+    /// How long a revocation lasts.
+    revocation_ttl: Duration,
+    metrics: Arc<Metrics>,
+    /// Whether Redis answered the last probe and the subscription delivered it.
+    up: AtomicBool,
+    /// Whether the current outage has been logged (once per episode).
+    outage_logged: AtomicBool,
+    /// The last probe seen on the subscription.
+    probes_seen: AtomicU64,
+    /// Malformed payloads dropped (logged at powers of two).
+    malformed: AtomicU64,
+    /// Orders for the subscriber task.
+    subscriptions: mpsc::UnboundedSender<Subscription>,
+    /// The subscriber task's end, until [`Cluster::start`] takes it.
+    subscriber: Mutex<Option<mpsc::UnboundedReceiver<Subscription>>>,
+    /// This instance's live connections in Redis: member → the sets holding it.
+    leases: Mutex<HashMap<Box<str>, LeaseKeys>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("origin", &self.origin).field("up", &self.is_up()).finish_non_exhaustive()
+    }
+}
+
+/// What the subscriber task does next.
+enum Subscription {
+    Subscribe(String),
+    Unsubscribe(String),
+    /// Subscribe to everything this instance needs (after a start or an outage).
+    Resync(oneshot::Sender<bool>),
+    /// Replace the subscription connection (it stopped delivering), then resync.
+    Rebuild(oneshot::Sender<bool>),
+}
+
+#[derive(Debug)]
+struct LeaseKeys {
+    ip: String,
+    user: Option<String>,
+}
+
+/// A connection counted in Redis; dropping it takes the connection out of the counts.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    member: Box<str>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Lease").field(&self.member).finish()
+    }
+}
+
+impl Lease {
+    /// The connection's name in Redis.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.cluster.release(&self.member);
+    }
+}
+
+/// The cluster's answer to a handshake.
+#[derive(Debug)]
+pub enum Admission {
+    /// Counted: the connection holds this lease.
+    Admitted(Lease),
+    /// The address has `max_per_ip` live connections across the cluster.
+    PerIp,
+    /// The user reconnected too often; a slot frees after this long.
+    Reconnects(Duration),
+}
+
+/// Milliseconds since the epoch on this machine's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The URL with RESP3 asked for (pushes need it), unless it says otherwise.
+fn with_resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+fn config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(2))
+}
+
+impl Cluster {
+    /// A link to the Redis at `url`. Connects lazily: a Redis that is down at start is waited
+    /// for (the instance serves locally meanwhile); a malformed URL is an error.
+    pub fn new(url: &str, metrics: Arc<Metrics>, revocation_ttl: Duration) -> Result<Arc<Cluster>, String> {
+        // The URL may hold a password: errors never repeat it.
+        let client = redis::Client::open(with_resp3(url).as_str())
+            .map_err(|_| "--redis is not a valid Redis URL (redis://[user:password@]host:port[/db])".to_string())?;
+        let commands = ConnectionManager::new_lazy_with_config(client.clone(), config())
+            .map_err(|e| format!("--redis: {:?}", e.kind()))?;
+        let (subscriptions, subscriber) = mpsc::unbounded_channel();
+        metrics.redis_configured.store(1, Ordering::Relaxed);
+        metrics.redis_up.store(0, Ordering::Relaxed);
+        Ok(Arc::new(Cluster {
+            client,
+            commands,
+            origin: random_tag(),
+            revocation_ttl,
+            metrics,
+            up: AtomicBool::new(false),
+            outage_logged: AtomicBool::new(false),
+            probes_seen: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            subscriptions,
+            subscriber: Mutex::new(Some(subscriber)),
+            leases: Mutex::default(),
+        }))
+    }
+
+    /// Starts the subscriber and the health loop for `gw`. They hold the gateway weakly and
+    /// end with it.
+    pub fn start(&self, gw: &Arc<Gateway>) {
+        let Some(rx) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        tokio::spawn(subscriber(Arc::downgrade(gw), self.client.clone(), self.origin.clone(), rx));
+        let (done, _) = oneshot::channel();
+        let _ = self.subscriptions.send(Subscription::Resync(done));
+        tokio::spawn(health(Arc::downgrade(gw)));
+    }
+
+    /// This process's name in Redis.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Whether Redis is reachable and the subscription works.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn mark_down(&self, why: &str) {
+        self.up.store(false, Ordering::Relaxed);
+        self.metrics.redis_up.store(0, Ordering::Relaxed);
+        if !self.outage_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                error = why,
+                "Redis unavailable: clients stay connected and local delivery goes on; cross-instance delivery is off and limits count this instance only until it returns"
+            );
+        }
+    }
+
+    fn mark_up(&self) {
+        let was_up = self.up.swap(true, Ordering::Relaxed);
+        self.metrics.redis_up.store(1, Ordering::Relaxed);
+        if self.outage_logged.swap(false, Ordering::Relaxed) {
+            tracing::info!("Redis available again: resubscribed, leases and revocations restored");
+        } else if !was_up {
+            tracing::info!("connected to Redis");
+        }
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.commands.clone()
+    }
+
+    /// Publishes a delivery for the other instances. Skipped while Redis is away.
+    async fn publish(&self, delivery: &Delivery) {
+        if !self.is_up() {
+            return;
+        }
+        let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(keys::channel(&delivery.channel))
+            .arg(wire::encode(delivery, &self.origin))
+            .query_async(&mut self.connection())
+            .await;
+        if let Err(e) = published {
+            self.mark_down(&e.to_string());
+        }
+    }
+
+    /// Counts a handshake against the address's and the user's cluster-wide limits; `Err`
+    /// when Redis failed (it is then marked away and the caller counts locally).
+    pub async fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        user: &str,
+        limits: &ConnLimits,
+        member: String,
+    ) -> Result<Admission, ()> {
+        let ip_key = keys::ip(ip);
+        let reply: redis::RedisResult<(i64, i64)> = scripts::ADMIT
+            .key(&ip_key)
+            .key(keys::reconnects(user))
+            .arg(now_ms())
+            .arg(millis(LEASE))
+            .arg(&member)
+            .arg(limits.max_per_ip)
+            .arg(limits.reconnects_max)
+            .arg(millis(limits.reconnects_per))
+            .invoke_async(&mut self.connection())
+            .await;
+        match reply {
+            Ok((0, _)) => Ok(Admission::Admitted(self.lease(ip_key, member))),
+            Ok((1, _)) => Ok(Admission::PerIp),
+            Ok((_, wait)) => Ok(Admission::Reconnects(Duration::from_millis(u64::try_from(wait).unwrap_or(1)))),
+            Err(e) => {
+                self.mark_down(&e.to_string());
+                Err(())
+            }
+        }
+    }
+
+    /// A lease for a connection admitted while Redis was away: it is known here and is added
+    /// to the cluster's counts when Redis returns.
+    pub fn lease_locally(self: &Arc<Self>, ip: IpAddr, member: String) -> Lease {
+        self.lease(keys::ip(ip), member)
+    }
+
+    fn lease(self: &Arc<Self>, ip_key: String, member: String) -> Lease {
+        let member: Box<str> = member.into();
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(member.clone(), LeaseKeys { ip: ip_key, user: None });
+        Lease { cluster: self.clone(), member }
+    }
+
+    /// Records the connection of `lease` as one of `user`'s live connections; those beyond the
+    /// user's `max` (the oldest, wherever they are) are closed with 4009.
+    pub async fn register(&self, gw: &Gateway, lease: &str, user: &str, max: u64) {
+        let user_key = keys::user(user);
+        match self.leases.lock().unwrap_or_else(|e| e.into_inner()).get_mut(lease) {
+            Some(keys) => keys.user = Some(user_key.clone()),
+            None => return, // the connection has already ended
+        }
+        if !self.is_up() {
+            return;
+        }
+        let displaced: redis::RedisResult<Vec<String>> = scripts::REGISTER
+            .key(&user_key)
+            .arg(now_ms())
+            .arg(millis(LEASE))
+            .arg(lease)
+            .arg(max)
+            .invoke_async(&mut self.connection())
+            .await;
+        let displaced = match displaced {
+            Ok(d) => d,
+            Err(e) => return self.mark_down(&e.to_string()),
+        };
+        if !self.leases.lock().unwrap_or_else(|e| e.into_inner()).contains_key(lease) {
+            // Ended while being registered: take it out again.
+            let _: redis::RedisResult<i64> =
+                redis::cmd("ZREM").arg(&user_key).arg(lease).query_async(&mut self.connection()).await;
+        }
+        let mut elsewhere: BTreeMap<&str, Vec<SessionId>> = BTreeMap::new();
+        for member in &displaced {
+            match keys::parse_member(member) {
+                Some((origin, session)) if origin == self.origin => {
+                    gw.sessions.close_session(user, session, CloseCode::Replaced, REPLACED);
+                }
+                Some((origin, session)) => elsewhere.entry(origin).or_default().push(session),
+                None => {}
+            }
+        }
+        for (origin, sessions) in elsewhere {
+            let control = Control::Replace { to: origin.to_string(), user: user.to_string(), sessions };
+            self.control(&control).await;
+        }
+    }
+
+    async fn control(&self, control: &Control) -> bool {
+        let sent: redis::RedisResult<i64> =
+            redis::cmd("PUBLISH").arg(keys::CONTROL).arg(control.encode()).query_async(&mut self.connection()).await;
+        match sent {
+            Ok(_) => true,
+            Err(e) => {
+                self.mark_down(&e.to_string());
+                false
+            }
+        }
+    }
+
+    /// `POST /v1/disconnect` taken here (and done locally already): records the revocation in
+    /// Redis and tells every other instance. Returns whether Redis carried it.
+    pub async fn disconnect(&self, user: &str, reason: &str, revoked_at: Option<SystemTime>) -> bool {
+        let revoked_at_ms = revoked_at.map(|t| t.duration_since(UNIX_EPOCH).map_or(0, millis));
+        if let Some(at) = revoked_at_ms {
+            let stored: redis::RedisResult<()> = redis::cmd("SET")
+                .arg(keys::revoked(user))
+                .arg(at)
+                .arg("PX")
+                .arg(millis(self.revocation_ttl).max(1))
+                .query_async(&mut self.connection())
+                .await;
+            if let Err(e) = stored {
+                self.mark_down(&e.to_string());
+                return false;
+            }
+        }
+        let control = Control::Disconnect {
+            from: self.origin.clone(),
+            user: user.to_string(),
+            reason: reason.to_string(),
+            revoked_at_ms,
+        };
+        self.control(&control).await
+    }
+
+    /// Takes a connection out of the counts (it ended).
+    fn release(&self, member: &str) {
+        let Some(keys) = self.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(member) else { return };
+        if !self.is_up() {
+            return; // the lease lapses by itself
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let mut con = self.connection();
+        let member = member.to_string();
+        runtime.spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM").arg(&keys.ip).arg(&member).ignore();
+            if let Some(user) = &keys.user {
+                pipe.cmd("ZREM").arg(user).arg(&member).ignore();
+            }
+            let _: redis::RedisResult<()> = pipe.query_async(&mut con).await;
+        });
+    }
+
+    /// Renews (or, after Redis lost them, restores) the leases of every live connection here.
+    async fn renew_leases(&self) -> redis::RedisResult<()> {
+        let entries: Vec<(Box<str>, String, Option<String>)> = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(m, k)| (m.clone(), k.ip.clone(), k.user.clone()))
+            .collect();
+        let lease = millis(LEASE);
+        for chunk in entries.chunks(PIPELINE_CHUNK / 4) {
+            let until = now_ms() + lease;
+            let mut pipe = redis::pipe();
+            for (member, ip, user) in chunk {
+                for key in std::iter::once(ip).chain(user) {
+                    pipe.cmd("ZADD").arg(key).arg(until).arg(&**member).ignore();
+                    pipe.cmd("PEXPIRE").arg(key).arg(lease).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut self.connection()).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads every revocation in Redis into `gw`'s (an instance started later, or back from an
+    /// outage, honours the ones it did not hear of).
+    async fn load_revocations(&self, gw: &Gateway) -> redis::RedisResult<usize> {
+        let mut con = self.connection();
+        let mut cursor: u64 = 0;
+        let mut loaded = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", keys::REVOKED_PREFIX))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await?;
+            if !found.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &found {
+                    pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+                }
+                let values: Vec<Value> = pipe.query_async(&mut con).await?;
+                let now = SystemTime::now();
+                for (key, pair) in found.iter().zip(values.chunks(2)) {
+                    let [at, ttl] = pair else { continue };
+                    let at: Option<u64> = redis::from_redis_value_ref(at).ok().flatten();
+                    let ttl: Option<u64> =
+                        redis::from_redis_value_ref::<i64>(ttl).ok().and_then(|t| u64::try_from(t).ok());
+                    let (Some(user), Some(at), Some(ttl)) = (key.strip_prefix(keys::REVOKED_PREFIX), at, ttl) else {
+                        continue;
+                    };
+                    let at = UNIX_EPOCH + Duration::from_millis(at);
+                    gw.revocations.insert(user, at, now + Duration::from_millis(ttl));
+                    loaded += 1;
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(loaded);
+            }
+        }
+    }
+
+    /// Sends the probe numbered `seq`; answers how many subscribers got it.
+    async fn probe(&self, seq: u64) -> redis::RedisResult<i64> {
+        redis::cmd("PUBLISH").arg(keys::probe(&self.origin)).arg(seq).query_async(&mut self.connection()).await
+    }
+
+    fn on_push(&self, gw: &Gateway, push: PushInfo) {
+        match push.kind {
+            PushKind::Message => {
+                let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() else { return };
+                let Ok(channel) = std::str::from_utf8(channel) else { return };
+                if let Some(client_channel) = keys::client_channel(channel) {
+                    match wire::decode(client_channel, payload, &self.origin) {
+                        Ok(delivery) => {
+                            gw.hub.deliver(&delivery.channel, &delivery.frame);
+                        }
+                        Err(Dropped::Own) => {}
+                        Err(Dropped::Malformed(e)) => {
+                            let n = self.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                            if n.is_power_of_two() {
+                                tracing::warn!(channel = client_channel, error = %e, dropped = n, "dropped a malformed message from Redis");
+                            }
+                        }
+                    }
+                } else if channel == keys::CONTROL {
+                    self.on_control(gw, payload);
+                } else if channel == keys::probe(&self.origin)
+                    && let Some(seq) = std::str::from_utf8(payload).ok().and_then(|s| s.parse().ok())
+                {
+                    self.probes_seen.fetch_max(seq, Ordering::Relaxed);
+                }
+            }
+            PushKind::Disconnection => self.mark_down("the subscription connection to Redis was lost"),
+            _ => {}
+        }
+    }
+
+    fn on_control(&self, gw: &Gateway, payload: &[u8]) {
+        match Control::decode(payload) {
+            Ok(Control::Replace { to, user, sessions }) if to == self.origin => {
+                for session in sessions {
+                    gw.sessions.close_session(&user, session, CloseCode::Replaced, REPLACED);
+                }
+            }
+            Ok(Control::Disconnect { from, user, reason, revoked_at_ms }) if from != self.origin => {
+                if let Some(at) = revoked_at_ms {
+                    let at = UNIX_EPOCH + Duration::from_millis(at);
+                    gw.revocations.insert(&user, at, at + self.revocation_ttl);
+                }
+                let closed = gw.sessions.close_user(&user, CloseCode::LoggedOut, &reason);
+                tracing::info!(target: crate::decisions::TARGET, kind = "admin", outcome = "disconnect", user, closed, revoke = revoked_at_ms.is_some(), "user disconnected by another instance");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "dropped a malformed control message from Redis"),
+        }
+    }
+}
+
+/// The close reason of a connection displaced by a newer one of its user.
+pub const REPLACED: &str = "replaced by a newer connection";
+
+/// The subscriber task: owns the subscription connection and applies orders in sequence, so a
+/// subscribe and the unsubscribe that follows it reach Redis in that order.
+async fn subscriber(
+    gw: Weak<Gateway>,
+    client: redis::Client,
+    origin: String,
+    mut orders: mpsc::UnboundedReceiver<Subscription>,
+) {
+    let mut connection: Option<ConnectionManager> = None;
+    while let Some(order) = orders.recv().await {
+        let Some(gateway) = gw.upgrade() else { return };
+        let Some(cluster) = gateway.cluster.clone() else { return };
+        if connection.is_none() || matches!(order, Subscription::Rebuild(_)) {
+            connection = None; // the old one closes
+            let handler = gw.clone();
+            let config = config().set_automatic_resubscription().set_push_sender(move |push: PushInfo| {
+                if let Some(gw) = handler.upgrade()
+                    && let Some(cluster) = &gw.cluster
+                {
+                    cluster.on_push(&gw, push);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+            match ConnectionManager::new_lazy_with_config(client.clone(), config) {
+                Ok(c) => connection = Some(c),
+                Err(e) => {
+                    cluster.mark_down(&e.to_string());
+                    continue;
+                }
+            }
+        }
+        let Some(con) = connection.as_mut() else { continue };
+        let (result, done) = match order {
+            Subscription::Subscribe(channel) => (con.subscribe(keys::channel(&channel)).await, None),
+            Subscription::Unsubscribe(channel) => (con.unsubscribe(keys::channel(&channel)).await, None),
+            Subscription::Resync(done) | Subscription::Rebuild(done) => {
+                let mut channels = vec![keys::CONTROL.to_string(), keys::probe(&origin)];
+                channels.extend(gateway.hub.channels().iter().map(|c| keys::channel(c)));
+                (con.subscribe(channels).await, Some(done))
+            }
+        };
+        if let Err(e) = &result {
+            // Retried in whole when Redis is back (a resync subscribes to every channel).
+            cluster.mark_down(&e.to_string());
+        }
+        if let Some(done) = done {
+            let _ = done.send(result.is_ok());
+        }
+    }
+}
+
+/// The health loop: probes Redis and the subscription every [`PROBE_INTERVAL`], marks the
+/// link up or away, rebuilds a wedged subscription, restores what an outage lost, renews
+/// leases.
+async fn health(gw: Weak<Gateway>) {
+    let mut every = tokio::time::interval(PROBE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_sent: Option<u64> = None;
+    let mut missing = 0u32;
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        every.tick().await;
+        let Some(gw) = gw.upgrade() else { return };
+        let Some(cluster) = gw.cluster.clone() else { return };
+        seq += 1;
+        let verdict = match cluster.probe(seq).await {
+            Err(e) => {
+                last_sent = None;
+                Err(e.to_string())
+            }
+            Ok(receivers) => {
+                // The previous probe had a whole interval to come back.
+                let came_back = last_sent.is_none_or(|sent| cluster.probes_seen.load(Ordering::Relaxed) >= sent);
+                last_sent = Some(seq);
+                if receivers > 0 && came_back {
+                    Ok(())
+                } else {
+                    missing += 1;
+                    Err("the subscription did not deliver the liveness probe".to_string())
+                }
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                missing = 0;
+                if !cluster.is_up() {
+                    restore(&gw, &cluster).await;
+                    renewed = tokio::time::Instant::now();
+                } else if renewed.elapsed() >= LEASE_REFRESH {
+                    if let Err(e) = cluster.renew_leases().await {
+                        cluster.mark_down(&e.to_string());
+                    }
+                    renewed = tokio::time::Instant::now();
+                }
+            }
+            Err(why) => {
+                cluster.mark_down(&why);
+                if missing >= WEDGED_AFTER {
+                    // Commands work but the subscription does not deliver: replace it.
+                    tracing::warn!(probes = missing, "the Redis subscription stopped delivering; reconnecting it");
+                    missing = 0;
+                    last_sent = None;
+                    let (done, result) = oneshot::channel();
+                    let _ = cluster.subscriptions.send(Subscription::Rebuild(done));
+                    let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, result).await;
+                }
+            }
+        }
+    }
+}
+
+/// Back from an outage (or the first contact): subscribe to everything, restore leases and
+/// revocations, then mark the link up.
+async fn restore(gw: &Gateway, cluster: &Cluster) {
+    let (done, result) = oneshot::channel();
+    let _ = cluster.subscriptions.send(Subscription::Resync(done));
+    if !matches!(tokio::time::timeout(RESPONSE_TIMEOUT * 2, result).await, Ok(Ok(true))) {
+        return;
+    }
+    if let Err(e) = cluster.renew_leases().await {
+        return cluster.mark_down(&e.to_string());
+    }
+    match cluster.load_revocations(gw).await {
+        Ok(n) if n > 0 => tracing::info!(revocations = n, "revocations read from Redis"),
+        Ok(_) => {}
+        Err(e) => return cluster.mark_down(&e.to_string()),
+    }
+    cluster.mark_up();
+}
+
+/// The Redis backplane: local delivery at once, then one publish for the other instances.
+#[derive(Debug)]
+pub struct RedisBackplane {
+    hub: Arc<Hub>,
+    cluster: Arc<Cluster>,
+}
+
+impl RedisBackplane {
+    /// A backplane delivering to `hub` and through `cluster`.
+    pub fn new(hub: Arc<Hub>, cluster: Arc<Cluster>) -> RedisBackplane {
+        RedisBackplane { hub, cluster }
+    }
+}
+
+impl Backplane for RedisBackplane {
+    fn publish(&self, delivery: Delivery) -> BoxFuture<'_, Result<Fanout, BrokerError>> {
+        Box::pin(async move {
+            let fanout = self.hub.deliver(&delivery.channel, &delivery.frame);
+            self.cluster.publish(&delivery).await;
+            Ok(fanout)
+        })
+    }
+
+    fn interest(&self, channel: &str, subscribed: bool) {
+        let order = if subscribed {
+            Subscription::Subscribe(channel.to_string())
+        } else {
+            Subscription::Unsubscribe(channel.to_string())
+        };
+        let _ = self.cluster.subscriptions.send(order);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp3_is_asked_for_unless_the_url_says() {
+        assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
+        assert_eq!(with_resp3("redis://h:1/0?x=1"), "redis://h:1/0?x=1&protocol=resp3");
+        assert_eq!(with_resp3("redis://h/?protocol=resp3"), "redis://h/?protocol=resp3");
+    }
+}

@@ -1,0 +1,360 @@
+//! Several instances over a real `redis-server` (`--redis`): fan-out, one session per user,
+//! shared limits, disconnects and revocations across instances, and a Redis outage. Instances
+//! run in-process (clients over in-memory streams); Redis is a real process on a free port,
+//! killed and restarted for the outage tests. Waits are conditions with deadlines.
+
+mod common;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::inproc::*;
+use common::redis::RedisServer;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use wsgate::broker::Delivery;
+use wsgate::gateway::{Gateway, GatewayOptions};
+use wsgate::policy::source::SourceFile;
+use wsgate::policy::{CompileOptions, Policy, PolicySource, compile};
+
+const ADMIN: &str = "cluster-admin-token";
+
+fn policy(edit: impl Fn(String) -> String) -> Arc<Policy> {
+    let mut source = PolicySource::read_dir(&common::default_policy_dir()).unwrap();
+    let edited = edit(source.documents[0].text.clone());
+    source.documents = vec![SourceFile { name: "policy.yaml".into(), text: edited }];
+    Arc::new(compile(&source, &CompileOptions { generation: 1, secret_lookup: &secret }).unwrap())
+}
+
+fn same(s: String) -> String {
+    s
+}
+
+/// An instance on `redis`, once it has reached Redis.
+async fn instance(redis: &RedisServer, name: &str, edit: impl Fn(String) -> String) -> Arc<Gateway> {
+    let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new(name) };
+    let gw = Gateway::with_redis(policy(edit), options, &redis.url()).unwrap();
+    eventually(&format!("instance {name} reaches Redis"), Duration::from_secs(10), || async { up(&gw) }).await;
+    gw
+}
+
+fn up(gw: &Gateway) -> bool {
+    gw.cluster.as_ref().unwrap().is_up()
+}
+
+/// Polls `check` until it holds; fails the test after `within`.
+async fn eventually<F: Future<Output = bool>>(what: &str, within: Duration, mut check: impl FnMut() -> F) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Subscribers of a client channel in Redis (one per instance listening for it).
+async fn listeners(redis: &RedisServer, channel: &str) -> i64 {
+    let mut con = redis.connection().await.unwrap();
+    let (_, n): (String, i64) =
+        redis::cmd("PUBSUB").arg("NUMSUB").arg(format!("wsgate:ch:{channel}")).query_async(&mut con).await.unwrap();
+    n
+}
+
+async fn publish(gw: &Gateway, channel: &str, data: Value) -> String {
+    let delivery = Delivery::new(channel, gw.ids.next_id(), &data);
+    let id = delivery.id.clone();
+    gw.backplane.publish(delivery).await.unwrap();
+    id
+}
+
+/// One admin call over the admin handler: status and JSON body.
+async fn admin(gw: &Arc<Gateway>, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(wsgate::admin::handle(server, gw.clone()));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut response)).await.unwrap().unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn ping_pong(ws: &mut Client, id: &str) {
+    send(ws, json!({"type": "ping", "id": id})).await;
+    let pong = next_json(ws).await;
+    assert_eq!(pong, json!({"type": "pong", "ref": id}), "the connection is alive and nothing else was queued");
+}
+
+async fn connect_as(gw: &Arc<Gateway>, user: &str, peer: &str) -> Result<Client, Refused> {
+    let mut ws = connect_from(gw, &format!("/ws?token={}", token(user, HOUR, &[])), peer, &[]).await?;
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    Ok(ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_reaches_every_instance_once_with_one_id() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    let mut on_a = connect(&a, &token("alice", HOUR, &[])).await;
+    let mut on_b = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("both instances listen for alerts", Duration::from_secs(5), || async {
+        listeners(&redis, "alerts").await == 2
+    })
+    .await;
+
+    let id = publish(&a, "alerts", json!({"n": 1})).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let m = next_json(ws).await;
+        assert_eq!(
+            (m["type"].as_str(), m["id"].as_str(), &m["data"]),
+            (Some("message"), Some(id.as_str()), &json!({"n": 1}))
+        );
+    }
+
+    // A backend publishing straight into Redis reaches both, under its own id.
+    let mut con = redis.connection().await.unwrap();
+    let reached: i64 = redis::cmd("PUBLISH")
+        .arg("wsgate:ch:alerts")
+        .arg(r#"{"id":"backend-1","data":{"from":"backend"}}"#)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(reached, 2, "one subscription per instance");
+    for ws in [&mut on_a, &mut on_b] {
+        let m = next_json(ws).await;
+        assert_eq!((m["id"].as_str(), &m["data"]), (Some("backend-1"), &json!({"from": "backend"})));
+    }
+    // Exactly once: the next frame after the messages is the answer to a ping.
+    ping_pong(&mut on_a, "a").await;
+    ping_pong(&mut on_b, "b").await;
+
+    // A user channel reaches its user only, wherever the publish came from.
+    let id = publish(&a, "user:bob", json!("for bob")).await;
+    assert_eq!(next_json(&mut on_b).await["id"], id.as_str());
+    ping_pong(&mut on_a, "a2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_listens_only_for_channels_it_has_subscribers_for() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    let _alice = connect(&a, &token("alice", HOUR, &[])).await;
+    eventually("a listens for alerts and user:alice", Duration::from_secs(5), || async {
+        listeners(&redis, "alerts").await == 1 && listeners(&redis, "user:alice").await == 1
+    })
+    .await;
+    assert_eq!(listeners(&redis, "user:bob").await, 0);
+    let bob = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("b listens once bob is there", Duration::from_secs(5), || async {
+        listeners(&redis, "alerts").await == 2 && listeners(&redis, "user:bob").await == 1
+    })
+    .await;
+    drop(bob);
+    eventually("b stops listening when bob leaves", Duration::from_secs(5), || async {
+        listeners(&redis, "alerts").await == 1 && listeners(&redis, "user:bob").await == 0
+    })
+    .await;
+    assert!(b.hub.channels().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_on_another_instance_closes_the_older_with_4009() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    let mut older = connect(&a, &token("alice", HOUR, &[])).await;
+    let mut con = redis.connection().await.unwrap();
+    eventually("alice's connection is registered", Duration::from_secs(5), || {
+        let mut con = con.clone();
+        async move { redis::cmd("ZCARD").arg("wsgate:user:alice").query_async::<i64>(&mut con).await.unwrap() == 1 }
+    })
+    .await;
+    let mut newer = connect(&b, &token("alice", HOUR, &[])).await;
+    let welcomed = Instant::now();
+    assert_eq!(close_code(&mut older).await, Some(4009));
+    let took = welcomed.elapsed();
+    // The issue's bound is 100 ms on loopback; this only guards against it being lost for seconds.
+    assert!(took < Duration::from_secs(1), "the older connection closed {took:?} after the newer was welcomed");
+    eprintln!("4009 across instances {took:?} after the newer connection's welcome");
+    ping_pong(&mut newer, "still-here").await;
+    let left: i64 = redis::cmd("ZCARD").arg("wsgate:user:alice").query_async(&mut con).await.unwrap();
+    assert_eq!(left, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_and_revocation_reach_every_instance_and_one_started_later() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    let old_token = token("alice", HOUR, &[]);
+    let mut on_b = connect(&b, &old_token).await;
+    let (status, body) =
+        admin(&a, "POST", "/v1/disconnect", r#"{"user":"alice","reason":"logout","revoke_tokens":true}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["everywhere"], true);
+    assert_eq!(close_code(&mut on_b).await, Some(4010));
+    for gw in [&a, &b] {
+        let refused = connect_from(gw, &format!("/ws?token={old_token}"), "127.0.0.1:40001", &[]).await.unwrap_err();
+        assert_eq!(refused.status, 401, "{:?}", refused.body);
+    }
+    let later = instance(&redis, "c", same).await;
+    let refused = connect_from(&later, &format!("/ws?token={old_token}"), "127.0.0.1:40001", &[]).await.unwrap_err();
+    assert_eq!(refused.status, 401, "an instance started after the revocation honours it: {:?}", refused.body);
+    let mut con = redis.connection().await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg("wsgate:revoked:alice").query_async(&mut con).await.unwrap();
+    assert!(ttl > 0 && ttl <= 86_400_000, "the revocation lasts the revocation TTL: {ttl} ms");
+    // Another user is untouched.
+    connect(&later, &token("bob", HOUR, &[])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_and_reconnect_limits_count_every_instance() {
+    let redis = RedisServer::start().await;
+    let edit =
+        |d: String| d.replace("max_per_ip: 100", "max_per_ip: 2").replace("{max: 5, per: 1m}", "{max: 2, per: 1m}");
+    let a = instance(&redis, "a", edit).await;
+    let b = instance(&redis, "b", edit).await;
+    let first = connect_as(&a, "u1", "10.0.0.1:1000").await.unwrap();
+    let _second = connect_as(&b, "u2", "10.0.0.1:1001").await.unwrap();
+    for gw in [&a, &b] {
+        let refused = connect_as(gw, "u3", "10.0.0.1:1002").await.unwrap_err();
+        assert_eq!(refused.status, 429, "{:?}", refused.body);
+        assert_eq!(refused.retry_after.as_deref(), Some("5"));
+    }
+    connect_as(&a, "u4", "10.0.0.2:1000").await.expect("another address has its own count");
+    drop(first);
+    eventually("a closed connection frees its slot everywhere", Duration::from_secs(5), || async {
+        connect_as(&b, "u5", "10.0.0.1:1003").await.is_ok()
+    })
+    .await;
+
+    // Reconnects: two handshakes of a user in a minute, on any instance; the third waits.
+    connect_as(&a, "roamer", "10.1.0.1:1").await.unwrap();
+    connect_as(&b, "roamer", "10.1.0.2:1").await.unwrap();
+    let refused = connect_as(&a, "roamer", "10.1.0.3:1").await.unwrap_err();
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    let wait: u64 = refused.retry_after.unwrap().parse().unwrap();
+    assert!((55..=60).contains(&wait), "retry after the oldest leaves the window: {wait}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instances_connections_stop_counting_when_their_leases_lapse() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", |d| d.replace("max_per_ip: 100", "max_per_ip: 2")).await;
+    // Two connections of an instance that died without a word: leases that lapse soon.
+    let mut con = redis.connection().await.unwrap();
+    let lapse = wsgate::cluster::now_ms() + 400;
+    let _: () = redis::cmd("ZADD")
+        .arg("wsgate:ip:10.0.0.9")
+        .arg(lapse)
+        .arg("000000000000001|dead|1")
+        .arg(lapse)
+        .arg("000000000000001|dead|2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(connect_as(&a, "u1", "10.0.0.9:1").await.unwrap_err().status, 429);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _live = loop {
+        match connect_as(&a, "u1", "10.0.0.9:2").await {
+            Ok(ws) => break ws,
+            Err(r) => assert!(r.status == 429 && Instant::now() < deadline, "the dead instance's leases lapse: {r:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let live: i64 = redis::cmd("ZCARD").arg("wsgate:ip:10.0.0.9").query_async(&mut con).await.unwrap();
+    assert_eq!(live, 1, "only the live connection is left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself() {
+    let mut redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    let mut alice = connect(&a, &token("alice", HOUR, &[])).await;
+    let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
+
+    redis.stop().await;
+    eventually("both notice", Duration::from_secs(5), || async { !up(&a) && !up(&b) }).await;
+    for gw in [&a, &b] {
+        assert_eq!(gw.metrics.redis_up.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let (status, body) = admin(gw, "GET", "/readyz", "").await;
+        assert_eq!((status, body), (503, json!({"status": "redis_unavailable"})));
+    }
+    ping_pong(&mut alice, "alive").await;
+    ping_pong(&mut bob, "alive").await;
+    let local = publish(&a, "alerts", json!("during the outage")).await;
+    assert_eq!(next_json(&mut alice).await["id"], local.as_str(), "local delivery goes on");
+    // New connections are admitted on local counts.
+    let _carol = connect(&b, &token("carol", HOUR, &[])).await;
+    let (status, body) = admin(&a, "POST", "/v1/disconnect", r#"{"user":"nobody"}"#).await;
+    assert_eq!((status, &body["everywhere"]), (200, &json!(false)), "the caller learns it stayed local");
+
+    redis.restart().await;
+    eventually("both reconnect and resubscribe", Duration::from_secs(10), || async { up(&a) && up(&b) }).await;
+    let (status, _) = admin(&a, "GET", "/readyz", "").await;
+    assert_eq!(status, 200);
+    let id = publish(&a, "alerts", json!("after")).await;
+    let m = tokio::time::timeout(Duration::from_secs(2), next_json(&mut bob)).await.expect("cross-instance again");
+    assert_eq!(m["id"], id.as_str(), "bob got nothing from the outage, then this");
+    assert_eq!(next_json(&mut alice).await["id"], id.as_str());
+    // The counts were restored: carol (admitted during the outage) and the others hold leases.
+    let mut con = redis.connection().await.unwrap();
+    let leased: i64 = redis::cmd("ZCARD").arg("wsgate:ip:127.0.0.1").query_async(&mut con).await.unwrap();
+    assert_eq!(leased, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscription_is_noticed_and_restored() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    let _alice = connect(&a, &token("alice", HOUR, &[])).await;
+    let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
+    let mut con = redis.connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut con).await.unwrap();
+    assert_eq!(killed, 2);
+    eventually("the subscriptions are back", Duration::from_secs(10), || async {
+        listeners(&redis, "alerts").await == 2 && up(&a) && up(&b)
+    })
+    .await;
+    let id = publish(&a, "alerts", json!("after the kill")).await;
+    let m = tokio::time::timeout(Duration::from_secs(2), next_json(&mut bob)).await.expect("delivered again");
+    assert_eq!(m["id"], id.as_str());
+}
+
+/// Centrifugo #1189: after a failover a subscription connection stayed open but delivered
+/// nothing, and health stayed green. Here the subscription is wedged the same way (open, but
+/// Redis' pushes never arrive) while commands keep working: the probe notices, the instance
+/// reports itself away, and rebuilds the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt() {
+    let redis = RedisServer::start().await;
+    let proxy = common::proxy::Proxy::start(redis.port).await;
+    let a = instance(&redis, "a", same).await;
+    let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new("b") };
+    let b = Gateway::with_redis(policy(same), options, &proxy.url()).unwrap();
+    eventually("b reaches Redis through the proxy", Duration::from_secs(10), || async { up(&b) }).await;
+    let _alice = connect(&a, &token("alice", HOUR, &[])).await;
+    let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
+
+    proxy.wedge_subscriptions();
+    eventually("b notices its subscription delivers nothing", Duration::from_secs(5), || async { !up(&b) }).await;
+    let (status, _) = admin(&b, "GET", "/readyz", "").await;
+    assert_eq!(status, 503, "not ready while wedged");
+    eventually("b rebuilds its subscription", Duration::from_secs(10), || async { up(&b) }).await;
+    let id = publish(&a, "alerts", json!("after the wedge")).await;
+    let m = tokio::time::timeout(Duration::from_secs(2), next_json(&mut bob)).await.expect("delivered again");
+    assert_eq!(m["id"], id.as_str());
+}
