@@ -172,6 +172,9 @@ impl Cluster {
     /// for (the instance serves locally meanwhile); a malformed URL is an error.
     pub fn new(url: &str, metrics: Arc<Metrics>, revocation_ttl: Duration) -> Result<Arc<Cluster>, String> {
         // The URL may hold a password: errors never repeat it.
+        if url.starts_with("rediss://") {
+            return Err("--redis: TLS to Redis (rediss://) is not supported by this build".into());
+        }
         let client = redis::Client::open(with_resp3(url).as_str())
             .map_err(|_| "--redis is not a valid Redis URL (redis://[user:password@]host:port[/db])".to_string())?;
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), config())
