@@ -192,6 +192,9 @@ pub struct Session<S> {
     policy: watch::Receiver<Arc<Policy>>,
     /// Channels this session is subscribed to.
     channels: Vec<Box<str>>,
+    /// A subscription was made that the backplane may not have in effect yet: wait for it
+    /// before the next write confirms it (the welcome, or `ok` to a `subscribe`).
+    listen_pending: bool,
     /// The current token, for re-authentication. Never logged.
     token: String,
     /// The upgrade request as connect rules see it, for re-authentication.
@@ -252,6 +255,7 @@ where
         phase_open: true,
         policy: active_policy,
         channels: Vec::new(),
+        listen_pending: false,
         token,
         request,
         timers,
@@ -309,6 +313,9 @@ where
             return self.close(CloseCode::GoingAway, "server shutting down").await;
         }
         loop {
+            if std::mem::take(&mut self.listen_pending) {
+                self.gw.backplane.listening().await;
+            }
             if let Err(ended) = self.flush().await {
                 return ended;
             }
@@ -713,6 +720,8 @@ where
         if self.gw.hub.subscribe(channel, self.id, &self.outbox) {
             self.gw.backplane.interest(channel, true);
         }
+        // Even when another session subscribed first: its subscription may still be on its way.
+        self.listen_pending = true;
         self.channels.push(channel.into());
     }
 

@@ -358,3 +358,29 @@ async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt() {
     let m = tokio::time::timeout(Duration::from_secs(2), next_json(&mut bob)).await.expect("delivered again");
     assert_eq!(m["id"], id.as_str());
 }
+
+/// A client's welcome (and its `ok` to a `subscribe`) is sent only once Redis has its
+/// subscription in effect: whatever is published after it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_subscription_is_in_effect_in_redis() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, "a", same).await;
+    let mut con = redis.connection().await.unwrap();
+    for n in 0..40 {
+        let user = format!("fresh{n}");
+        let mut ws = connect(&a, &token(&user, HOUR, &[])).await;
+        let reached: i64 = redis::cmd("PUBLISH")
+            .arg(format!("wsgate:ch:user:{user}"))
+            .arg(r#"{"id":"x","data":1}"#)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(reached, 1, "{user}: subscribed in Redis before the welcome");
+        assert_eq!(next_json(&mut ws).await["id"], "x");
+        send(&mut ws, json!({"type": "subscribe", "channel": format!("alerts-{n}"), "id": "s"})).await;
+        assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": "s"}));
+        let reached: i64 =
+            redis::cmd("PUBLISH").arg(format!("wsgate:ch:alerts-{n}")).arg("{}").query_async(&mut con).await.unwrap();
+        assert_eq!(reached, 1, "alerts-{n}: subscribed in Redis before the ok");
+    }
+}

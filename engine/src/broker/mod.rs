@@ -60,6 +60,11 @@ pub trait Backplane: Send + Sync + 'static {
     /// This instance has gained its first local subscriber of `channel` (`true`) or lost its
     /// last (`false`); a backplane listens only for channels with local subscribers.
     fn interest(&self, channel: &str, subscribed: bool);
+    /// Resolves once every interest declared so far is in effect: a session waits for it
+    /// before it confirms a subscription (its welcome, or `ok` to a `subscribe`), so that
+    /// anything published after the confirmation reaches it. Bounded: a backplane that cannot
+    /// confirm (Redis away) resolves anyway.
+    fn listening(&self) -> BoxFuture<'_, ()>;
 }
 
 /// The embedded backplane: one instance, delivery straight to the local hub.
@@ -81,6 +86,10 @@ impl Backplane for LocalBackplane {
     }
 
     fn interest(&self, _channel: &str, _subscribed: bool) {}
+
+    fn listening(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Makes message ids unique across instances: a random prefix per process and a counter.

@@ -94,6 +94,8 @@ enum Subscription {
     Resync(oneshot::Sender<bool>),
     /// Replace the subscription connection (it stopped delivering), then resync.
     Rebuild(oneshot::Sender<bool>),
+    /// Answers once every order before it has been applied.
+    Barrier(oneshot::Sender<bool>),
 }
 
 #[derive(Debug)]
@@ -203,8 +205,6 @@ impl Cluster {
     pub fn start(&self, gw: &Arc<Gateway>) {
         let Some(rx) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         tokio::spawn(subscriber(Arc::downgrade(gw), self.client.clone(), self.origin.clone(), rx));
-        let (done, _) = oneshot::channel();
-        let _ = self.subscriptions.send(Subscription::Resync(done));
         tokio::spawn(health(Arc::downgrade(gw)));
     }
 
@@ -533,7 +533,9 @@ impl Cluster {
 pub const REPLACED: &str = "replaced by a newer connection";
 
 /// The subscriber task: owns the subscription connection and applies orders in sequence, so a
-/// subscribe and the unsubscribe that follows it reach Redis in that order.
+/// subscribe and the unsubscribe that follows it reach Redis in that order. Orders that queued
+/// up meanwhile are sent together: a run of subscribes is one `SUBSCRIBE` with every channel
+/// (2,000 clients connecting at once cost a few round trips, not 2,000).
 async fn subscriber(
     gw: Weak<Gateway>,
     client: redis::Client,
@@ -541,52 +543,92 @@ async fn subscriber(
     mut orders: mpsc::UnboundedReceiver<Subscription>,
 ) {
     let mut connection: Option<ConnectionManager> = None;
-    while let Some(order) = orders.recv().await {
+    let mut batch = Vec::new();
+    while orders.recv_many(&mut batch, BATCH).await > 0 {
         let Some(gateway) = gw.upgrade() else { return };
         let Some(cluster) = gateway.cluster.clone() else { return };
-        if connection.is_none() || matches!(order, Subscription::Rebuild(_)) {
-            connection = None; // the old one closes
-            let handler = gw.clone();
-            let config = config().set_automatic_resubscription().set_push_sender(move |push: PushInfo| {
-                if let Some(gw) = handler.upgrade()
-                    && let Some(cluster) = &gw.cluster
-                {
-                    cluster.on_push(&gw, push);
-                }
-                Ok::<(), std::convert::Infallible>(())
-            });
-            match ConnectionManager::new_lazy_with_config(client.clone(), config) {
-                Ok(c) => connection = Some(c),
-                Err(e) => {
-                    cluster.mark_down(&e.to_string());
-                    continue;
+        let mut orders = batch.drain(..).peekable();
+        while let Some(order) = orders.next() {
+            if connection.is_none() || matches!(order, Subscription::Rebuild(_)) {
+                connection = None; // the old one closes
+                match subscription_connection(&client, &gw) {
+                    Ok(c) => connection = Some(c),
+                    Err(e) => {
+                        cluster.mark_down(&e.to_string());
+                        if let Subscription::Resync(done) | Subscription::Rebuild(done) | Subscription::Barrier(done) =
+                            order
+                        {
+                            let _ = done.send(false);
+                        }
+                        continue;
+                    }
                 }
             }
-        }
-        let Some(con) = connection.as_mut() else { continue };
-        let (result, done) = match order {
-            Subscription::Subscribe(channel) => (con.subscribe(keys::channel(&channel)).await, None),
-            Subscription::Unsubscribe(channel) => (con.unsubscribe(keys::channel(&channel)).await, None),
-            Subscription::Resync(done) | Subscription::Rebuild(done) => {
-                let mut channels = vec![keys::CONTROL.to_string(), keys::probe(&origin)];
-                channels.extend(gateway.hub.channels().iter().map(|c| keys::channel(c)));
-                (con.subscribe(channels).await, Some(done))
+            let Some(con) = connection.as_mut() else { continue };
+            let (result, done) = match order {
+                Subscription::Subscribe(channel) => {
+                    let mut channels = vec![keys::channel(&channel)];
+                    while let Some(Subscription::Subscribe(next)) = orders.peek() {
+                        channels.push(keys::channel(next));
+                        orders.next();
+                    }
+                    (con.subscribe(channels).await, None)
+                }
+                Subscription::Unsubscribe(channel) => {
+                    let mut channels = vec![keys::channel(&channel)];
+                    while let Some(Subscription::Unsubscribe(next)) = orders.peek() {
+                        channels.push(keys::channel(next));
+                        orders.next();
+                    }
+                    (con.unsubscribe(channels).await, None)
+                }
+                Subscription::Barrier(done) => (Ok(()), Some(done)),
+                Subscription::Resync(done) | Subscription::Rebuild(done) => {
+                    let mut channels = vec![keys::CONTROL.to_string(), keys::probe(&origin)];
+                    channels.extend(gateway.hub.channels().iter().map(|c| keys::channel(c)));
+                    (con.subscribe(channels).await, Some(done))
+                }
+            };
+            if let Err(e) = &result {
+                // Retried in whole when Redis is back (a resync subscribes to every channel).
+                cluster.mark_down(&e.to_string());
             }
-        };
-        if let Err(e) = &result {
-            // Retried in whole when Redis is back (a resync subscribes to every channel).
-            cluster.mark_down(&e.to_string());
-        }
-        if let Some(done) = done {
-            let _ = done.send(result.is_ok());
+            if let Some(done) = done {
+                let _ = done.send(result.is_ok());
+            }
         }
     }
+}
+
+/// Most orders the subscriber takes at once.
+const BATCH: usize = 1024;
+
+/// A subscription connection whose pushes go to `gw`'s cluster. RESP3, resubscribing by itself
+/// after a reconnect.
+fn subscription_connection(client: &redis::Client, gw: &Weak<Gateway>) -> redis::RedisResult<ConnectionManager> {
+    let handler = gw.clone();
+    let config = config().set_automatic_resubscription().set_push_sender(move |push: PushInfo| {
+        if let Some(gw) = handler.upgrade()
+            && let Some(cluster) = &gw.cluster
+        {
+            cluster.on_push(&gw, push);
+        }
+        Ok::<(), std::convert::Infallible>(())
+    });
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
 }
 
 /// The health loop: probes Redis and the subscription every [`PROBE_INTERVAL`], marks the
 /// link up or away, rebuilds a wedged subscription, restores what an outage lost, renews
 /// leases.
 async fn health(gw: Weak<Gateway>) {
+    // Subscribe first, so the first probe finds the subscription in place.
+    if let Some(cluster) = gw.upgrade().and_then(|gw| gw.cluster.clone()) {
+        let (done, result) = oneshot::channel();
+        let _ = cluster.subscriptions.send(Subscription::Resync(done));
+        drop(cluster);
+        let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, result).await;
+    }
     let mut every = tokio::time::interval(PROBE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -683,6 +725,18 @@ impl Backplane for RedisBackplane {
             let fanout = self.hub.deliver(&delivery.channel, &delivery.frame);
             self.cluster.publish(&delivery).await;
             Ok(fanout)
+        })
+    }
+
+    fn listening(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if !self.cluster.is_up() {
+                return; // nothing to wait for: delivery is local until Redis returns
+            }
+            let (done, result) = oneshot::channel();
+            if self.cluster.subscriptions.send(Subscription::Barrier(done)).is_ok() {
+                let _ = tokio::time::timeout(RESPONSE_TIMEOUT, result).await;
+            }
         })
     }
 
