@@ -1,13 +1,44 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, the workspace's tests, the
 # shipped policies' own checks and tests, the harness scenarios against real wsgate
-# processes, the idle-connection memory budget, the live-reload latency, and each fuzz target
-# briefly.
+# processes (the cluster ones with a redis-server, installed here when missing), the
+# idle-connection memory budget, the live-reload latency, and each fuzz target briefly.
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to fuzz longer, FUZZ_SECONDS=0 to skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The harness starts (and kills) its own redis-server for the cluster scenarios, fanout-latency
+# and its own tests; only the binary is needed. When it is missing, install the Debian package
+# with no service start allowed meanwhile (a policy-rc.d answering 101, unless one exists), so
+# no Redis daemon outlives this script.
+ensure_redis_server() {
+  command -v redis-server >/dev/null 2>&1 && return 0
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "redis-server is missing; install it (apt-get install redis-server) or run this as root or with sudo" >&2
+      return 1
+    fi
+    sudo="sudo"
+  fi
+  local policy=/usr/sbin/policy-rc.d created="" status=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs redis-server\nexit 101\n' \
+      | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+    created=1
+  fi
+  $sudo apt-get update || status=$?
+  if [ "$status" = 0 ]; then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server || status=$?
+  fi
+  if [ -n "$created" ]; then
+    $sudo rm -f "$policy"
+  fi
+  return "$status"
+}
 
 # The policy checks load keys exactly as the server does; this throwaway secret exists only
 # for the tests (the default policy needs 32 bytes or more).
@@ -18,6 +49,10 @@ cargo fmt --all --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "redis-server (for the cluster scenarios and the harness's tests)"
+ensure_redis_server
+redis-server --version
 
 step "cargo test"
 cargo test --workspace

@@ -122,9 +122,10 @@ enum Command {
 pub struct Connection {
     /// Commands to the task that owns the socket.
     commands: mpsc::UnboundedSender<Command>,
-    /// What the task received, in order. Unbounded so the task never stops reading because the
-    /// scenario has not looked yet (that would fake a slow consumer).
-    events: mpsc::UnboundedReceiver<Event>,
+    /// What the task received, in order, each with when it came off the socket. Unbounded so
+    /// the task never stops reading because the scenario has not looked yet (that would fake a
+    /// slow consumer).
+    events: mpsc::UnboundedReceiver<(Event, Instant)>,
     /// The task, aborted on drop.
     task: JoinHandle<()>,
 }
@@ -171,16 +172,27 @@ impl Connection {
 
     /// The next event, or `None` when nothing arrived before `deadline`.
     pub async fn next_event(&mut self, deadline: Instant) -> Option<Event> {
+        self.next_event_timed(deadline).await.map(|(event, _)| event)
+    }
+
+    /// The next event with the moment the connection's task read it off the socket (for latency
+    /// measurements: it does not include the time the event waited for the reader).
+    pub async fn next_event_timed(&mut self, deadline: Instant) -> Option<(Event, Instant)> {
         match tokio::time::timeout_at(deadline, self.events.recv()).await {
-            Ok(Some(event)) => Some(event),
+            Ok(Some(timed)) => Some(timed),
             // The task only ends after reporting the end of the connection, or when aborted.
-            Ok(None) => Some(Event::Dropped { error: "the connection's task ended".into() }),
+            Ok(None) => Some((Event::Dropped { error: "the connection's task ended".into() }, Instant::now())),
             Err(_) => None,
         }
     }
 
     /// An event that has already arrived, without waiting.
     pub fn try_next_event(&mut self) -> Option<Event> {
+        self.try_next_event_timed().map(|(event, _)| event)
+    }
+
+    /// An event that has already arrived, with when it was read, without waiting.
+    pub fn try_next_event_timed(&mut self) -> Option<(Event, Instant)> {
         self.events.try_recv().ok()
     }
 }
@@ -306,7 +318,7 @@ fn spawn(ws: WebSocketStream<Shared>, mode: ReadMode) -> Connection {
 async fn run(
     mut ws: WebSocketStream<Shared>,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<(Event, Instant)>,
     mode: ReadMode,
 ) {
     let mut reading = true;
@@ -351,7 +363,7 @@ async fn run(
                 };
                 if let Some(event) = event {
                     let data = matches!(event, Event::Text(_) | Event::Binary(_));
-                    let _ = events.send(event);
+                    let _ = events.send((event, Instant::now()));
                     if data && pause_after_first {
                         pause_after_first = false;
                         reading = false;

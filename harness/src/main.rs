@@ -1,6 +1,7 @@
 //! `wsgate-harness`: runs declarative validation scenarios (`harness/scenarios/*.yaml`, format
-//! in `harness/README.md`) against real `wsgate` processes, and measures the memory an idle
-//! connection costs. This file owns the command line and the scheduling of scenarios.
+//! in `harness/README.md`) against real `wsgate` processes (and the `redis-server` several
+//! instances share), and measures them: idle memory, drain time, reload latency, fan-out
+//! latency. This file owns the command line and the scheduling of scenarios.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -8,12 +9,15 @@
 mod client;
 mod drain;
 mod duration;
+mod fanout;
 mod http;
 mod matching;
 mod memory;
 mod policy_dir;
+mod redis_server;
 mod reload_latency;
 mod report;
+mod resp;
 mod runner;
 mod scenario;
 mod supervisor;
@@ -112,6 +116,35 @@ enum Command {
         /// The budget for the 99th percentile (SPEC §7 promises one second; the target is 100ms).
         #[arg(long, default_value = "100ms", value_parser = parse_dur)]
         max_p99: Dur,
+        /// The policy directory to start from (default: the repository's `policies/`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+    /// Measure fan-out: N clients spread over one or more instances (several share a Redis),
+    /// M messages published on the first instance; prints p50/p99/max delivery latency and the
+    /// count of deliveries, and fails when any is missing.
+    FanoutLatency {
+        /// How many clients (distinct users), spread evenly across the instances.
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        /// How many wsgate instances; more than one share a Redis the harness starts.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
+        /// With one instance: run it with a Redis too (to see what Redis adds).
+        #[arg(long)]
+        redis: bool,
+        /// How many messages to publish.
+        #[arg(long, default_value_t = 50)]
+        messages: usize,
+        /// The pause between two publishes.
+        #[arg(long, default_value = "20ms", value_parser = parse_dur)]
+        interval: Dur,
+        /// How long after the last publish the clients may take to receive everything.
+        #[arg(long, default_value = "10s", value_parser = parse_dur)]
+        grace: Dur,
+        /// The wsgate binary (default: $WSGATE_BIN, else `wsgate` next to this executable).
+        #[arg(long)]
+        bin: Option<PathBuf>,
         /// The policy directory to start from (default: the repository's `policies/`).
         #[arg(long)]
         policies: Option<PathBuf>,
@@ -289,6 +322,22 @@ async fn reload_latency(
     Ok(passed)
 }
 
+async fn fanout_latency(opts: fanout::FanoutOptions) -> Result<bool, String> {
+    let m = fanout::measure(&opts).await?;
+    println!("{}", m.summary());
+    for how in &m.ended {
+        println!("  a connection ended: {how}");
+    }
+    if !m.passed() {
+        println!(
+            "FAIL: every client must receive every message exactly once, with the id its publish answered \
+             ({} expected)",
+            m.expected()
+        );
+    }
+    Ok(m.passed())
+}
+
 /// Resolves on SIGINT or SIGTERM, so the harness can exit through its destructors (which kill
 /// every child) instead of dying with them still running.
 async fn interrupted() {
@@ -334,6 +383,20 @@ fn main() -> ExitCode {
             }
             Command::ReloadLatency { saves, bin, max_p99, policies } => {
                 reload_latency(saves, bin.as_deref(), max_p99, policies).await
+            }
+            Command::FanoutLatency { clients, instances, redis, messages, interval, grace, bin, policies } => {
+                let opts = fanout::FanoutOptions {
+                    bin: supervisor::find_wsgate(bin.as_deref())?,
+                    policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
+                    clients,
+                    instances,
+                    redis,
+                    messages,
+                    interval: interval.0,
+                    grace: grace.0,
+                    parallel: 32,
+                };
+                fanout_latency(opts).await
             }
         }
     };

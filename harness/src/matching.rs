@@ -1,7 +1,62 @@
 //! JSON subset matching: does a frame or response body the server sent contain what a
-//! scenario expects? Mismatches are described by path so a failure says exactly where.
+//! scenario expects? Mismatches are described by path so a failure says exactly where. A
+//! pattern can also save a value it matched (`$save:NAME`) and require one saved earlier
+//! (`$saved:NAME`), so a scenario can say "the same message id on every instance".
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
+
+/// Values saved by earlier steps (`$save:NAME` in a pattern, `save_id` of `publish`), by name.
+pub type Saved = BTreeMap<String, Value>;
+
+/// The wildcards that stand for a kind of value.
+const WILDCARDS: [&str; 5] = ["any", "absent", "string", "number", "nonempty"];
+
+/// Whether `name` may name a saved value: letters, digits, `-`, `_`, `.`.
+pub fn valid_saved_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Checks a pattern before anything runs: every `$…` string is a known wildcard, and every
+/// `$saved:NAME` names something in `saved`. Returns the names the pattern saves (`$save:NAME`).
+pub fn check_pattern(pattern: &Value, saved: &BTreeSet<String>) -> Result<Vec<String>, String> {
+    let mut saves = Vec::new();
+    check_at(pattern, "", saved, &mut saves)?;
+    Ok(saves)
+}
+
+fn check_at(pattern: &Value, path: &str, saved: &BTreeSet<String>, saves: &mut Vec<String>) -> Result<(), String> {
+    match pattern {
+        Value::String(s) => {
+            let Some(wild) = s.strip_prefix('$').filter(|w| !w.starts_with('$')) else {
+                return Ok(());
+            };
+            let at = show_path(path);
+            if let Some(name) = wild.strip_prefix("save:") {
+                if !valid_saved_name(name) {
+                    return Err(format!("at {at}: `$save:{name}`: use letters, digits, `-`, `_`, `.` in the name"));
+                }
+                saves.push(name.to_string());
+            } else if let Some(name) = wild.strip_prefix("saved:") {
+                if !saved.contains(name) {
+                    return Err(format!("at {at}: `$saved:{name}`: no earlier step saved a value as `{name}`"));
+                }
+            } else if !WILDCARDS.contains(&wild) {
+                return Err(format!(
+                    "at {at}: unknown wildcard `${wild}` (wildcards: $any, $absent, $string, $number, $nonempty, \
+                     $save:NAME, $saved:NAME; write `$${wild}` for the literal text)"
+                ));
+            }
+            Ok(())
+        }
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| check_at(v, &format!("{path}.{k}"), saved, saves)),
+        Value::Array(items) => {
+            items.iter().enumerate().try_for_each(|(i, v)| check_at(v, &format!("{path}[{i}]"), saved, saves))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Matches `actual` against the pattern `expected`:
 ///
@@ -15,18 +70,53 @@ use serde_json::Value;
 ///
 /// Returns a description of the first mismatch.
 pub fn matches(expected: &Value, actual: &Value) -> Result<(), String> {
-    match_at(expected, Some(actual), "")
+    matches_saving(expected, actual, &mut Saved::new())
+}
+
+/// [`matches`], plus `"$save:NAME"` (present, any value; saved under NAME when the whole
+/// pattern matches — nothing is saved from a mismatch) and `"$saved:NAME"` (equal to the value
+/// saved under NAME; numbers by value).
+pub fn matches_saving(expected: &Value, actual: &Value, saved: &mut Saved) -> Result<(), String> {
+    let mut captured = Saved::new();
+    match_at(expected, Some(actual), "", saved, &mut captured)?;
+    saved.extend(captured);
+    Ok(())
 }
 
 fn show_path(path: &str) -> &str {
     if path.is_empty() { "the top level" } else { path }
 }
 
-fn match_at(expected: &Value, actual: Option<&Value>, path: &str) -> Result<(), String> {
+fn match_at(
+    expected: &Value,
+    actual: Option<&Value>,
+    path: &str,
+    saved: &Saved,
+    captured: &mut Saved,
+) -> Result<(), String> {
     if let Value::String(s) = expected
         && let Some(wild) = s.strip_prefix('$')
         && !wild.starts_with('$')
     {
+        if let Some(name) = wild.strip_prefix("save:") {
+            let actual = actual.ok_or_else(|| format!("at {}: missing", show_path(path)))?;
+            captured.insert(name.to_string(), actual.clone());
+            return Ok(());
+        }
+        if let Some(name) = wild.strip_prefix("saved:") {
+            let want = captured
+                .get(name)
+                .or_else(|| saved.get(name))
+                .ok_or_else(|| format!("at {}: nothing was saved as `{name}`", show_path(path)))?;
+            let actual = actual.ok_or_else(|| format!("at {}: missing", show_path(path)))?;
+            return match (want, actual) {
+                (Value::Number(w), Value::Number(g)) if w.as_f64() == g.as_f64() => Ok(()),
+                (w, g) if w == g => Ok(()),
+                (w, g) => {
+                    Err(format!("at {}: expected {} (saved as `{name}`), got {}", show_path(path), brief(w), brief(g)))
+                }
+            };
+        }
         return match (wild, actual) {
             ("absent", None) => Ok(()),
             ("absent", Some(v)) => Err(format!("at {}: expected no such key, got {}", show_path(path), brief(v))),
@@ -47,7 +137,7 @@ fn match_at(expected: &Value, actual: Option<&Value>, path: &str) -> Result<(), 
     match (expected, actual) {
         (Value::Object(want), Value::Object(got)) => {
             for (key, want_value) in want {
-                match_at(want_value, got.get(key), &format!("{path}.{key}"))?;
+                match_at(want_value, got.get(key), &format!("{path}.{key}"), saved, captured)?;
             }
             Ok(())
         }
@@ -61,7 +151,7 @@ fn match_at(expected: &Value, actual: Option<&Value>, path: &str) -> Result<(), 
                 ));
             }
             for (i, (w, g)) in want.iter().zip(got).enumerate() {
-                match_at(w, Some(g), &format!("{path}[{i}]"))?;
+                match_at(w, Some(g), &format!("{path}[{i}]"), saved, captured)?;
             }
             Ok(())
         }
@@ -148,6 +238,40 @@ mod tests {
     fn dollar_escape_is_literal() {
         assert!(matches(&json!({"p": "$$any"}), &json!({"p": "$any"})).is_ok());
         assert!(matches(&json!({"p": "$$any"}), &json!({"p": "x"})).is_err());
+    }
+
+    #[test]
+    fn save_then_require_the_same_value() {
+        let mut saved = Saved::new();
+        let frame = json!({"type": "message", "id": "m-7", "data": {"n": 1}});
+        // A mismatch saves nothing.
+        assert!(matches_saving(&json!({"type": "pong", "id": "$save:id"}), &frame, &mut saved).is_err());
+        assert!(saved.is_empty());
+        matches_saving(&json!({"type": "message", "id": "$save:id"}), &frame, &mut saved).unwrap();
+        assert_eq!(saved["id"], json!("m-7"));
+        matches_saving(&json!({"id": "$saved:id"}), &frame, &mut saved).unwrap();
+        let other = json!({"id": "m-8"});
+        let e = matches_saving(&json!({"id": "$saved:id"}), &other, &mut saved).unwrap_err();
+        assert!(e.contains(".id") && e.contains("\"m-7\" (saved as `id`)") && e.contains("\"m-8\""), "{e}");
+        assert!(matches_saving(&json!({"x": "$saved:id"}), &frame, &mut saved).unwrap_err().contains("missing"));
+        let e = matches_saving(&json!({"id": "$saved:nope"}), &frame, &mut saved).unwrap_err();
+        assert!(e.contains("nothing was saved as `nope`"), "{e}");
+        // Plain `matches` keeps nothing.
+        assert!(matches(&json!({"id": "$save:x"}), &frame).is_ok());
+    }
+
+    #[test]
+    fn patterns_are_checked_before_anything_runs() {
+        let mut saved = BTreeSet::new();
+        let saves = check_pattern(&json!({"id": "$save:m1", "a": ["$any", "$$lit", {"b": "$nonempty"}]}), &saved);
+        assert_eq!(saves.unwrap(), vec!["m1".to_string()]);
+        saved.insert("m1".to_string());
+        assert!(check_pattern(&json!({"id": "$saved:m1"}), &saved).is_ok());
+        let e = check_pattern(&json!({"id": "$saved:m2"}), &saved).unwrap_err();
+        assert!(e.contains("at .id") && e.contains("no earlier step saved"), "{e}");
+        let e = check_pattern(&json!({"a": [{"b": "$bogus"}]}), &saved).unwrap_err();
+        assert!(e.contains("at .a[0].b") && e.contains("unknown wildcard `$bogus`"), "{e}");
+        assert!(check_pattern(&json!("$save:a b"), &saved).unwrap_err().contains("letters"));
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! Runs one scenario: starts its servers from private policy copies, carries out its steps in
-//! order against them, and turns the first unmet expectation into a precise failure (step,
-//! what was expected, what arrived, and the tail of each server's log). Every token and secret
-//! the scenario hands out is registered for redaction and for the log-leak check that ends
-//! every passing scenario.
+//! Runs one scenario: starts its Redis (with `redis: true`) and its servers from private policy
+//! copies, carries out its steps in order against them, and turns the first unmet expectation
+//! into a precise failure (step, what was expected, what arrived, and the tail of each
+//! process's log). Every token and secret the scenario hands out is registered for redaction and
+//! for the log-leak check that ends every passing scenario.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -16,8 +16,10 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{self, Connection, Event, Handshake, Outcome, ReadMode};
 use crate::duration::Dur;
 use crate::http::{self, HttpError, HttpRequest, HttpResponse};
-use crate::matching::{brief, clip, matches};
+use crate::matching::{Saved, brief, clip, matches, matches_saving};
 use crate::policy_dir::{PolicyDir, deep_merge};
+use crate::redis_server::{self, RedisServer};
+use crate::resp;
 use crate::scenario::*;
 use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer, describe_exit};
 use crate::tls::{self, ServerTls};
@@ -28,6 +30,10 @@ use crate::token::{self, TokenSpec};
 const DEFAULT_WITHIN: Dur = Dur::secs(5);
 /// How many log lines of each server a failure shows.
 const LOG_TAIL: usize = 25;
+/// How many log lines of Redis a failure shows.
+const REDIS_LOG_TAIL: usize = 10;
+/// How long Redis may take to start with the scenario.
+const REDIS_READY: Duration = Duration::from_secs(10);
 
 /// What every scenario run needs to know.
 #[derive(Debug, Clone)]
@@ -70,6 +76,12 @@ struct Ctx<'a> {
     conns: HashMap<String, ConnState>,
     /// The scenario's `signing_keys`, by name.
     signing_keys: HashMap<String, SigningKey>,
+    /// With `redis: true`: the scenario's Redis.
+    redis: Option<RedisServer>,
+    /// Whether a `stop_redis` step took Redis down (so a report does not call that a crash).
+    redis_stopped: bool,
+    /// Values saved by `save_id` and `$save:NAME`, for `$saved:NAME`.
+    saved: Saved,
 }
 
 /// Runs `scenario`; `Err` carries the complete, redacted failure report.
@@ -83,6 +95,9 @@ pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
         servers: BTreeMap::new(),
         conns: HashMap::new(),
         signing_keys: HashMap::new(),
+        redis: None,
+        redis_stopped: false,
+        saved: Saved::new(),
     };
     let result = match ctx.start_servers(scenario).await {
         Err(e) => Err(e),
@@ -110,6 +125,10 @@ pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
         let _ = process.stop(Duration::from_secs(10)).await;
         // The last lines are still in the pipes when the process exits.
         let _ = process.log().wait_for(|_| None::<()>, Instant::now() + Duration::from_secs(2)).await;
+    }
+    // Redis last, so the servers never see it go away while they shut down.
+    if let Some(redis) = &mut ctx.redis {
+        let _ = redis.stop(Duration::from_secs(5)).await;
     }
     report?;
     // Checked after the stop, so what the servers print while shutting down counts too.
@@ -162,38 +181,57 @@ impl Ctx<'_> {
             self.redactor.register(format!("the private signing key `{name}`"), key.private_marker.clone());
             self.signing_keys.insert(name.clone(), key);
         }
-        for (name, spec) in &scenario.servers {
-            let mut files: Vec<(String, String)> =
-                self.signing_keys.values().map(|k| (format!("keys/{}.pem", k.name), k.public_pem.clone())).collect();
-            files.extend(spec.files.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let dir = PolicyDir::create(&self.cfg.policies, spec.policy.as_ref(), &files)
-                .map_err(|e| format!("server `{name}`: {e}"))?;
-            let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let mut args = spec.args.clone();
-            let tls = if spec.tls {
-                // Not a policy file: wsgate reads only `*.yaml` at the top and `schemas/`, `tests/`.
-                let tls = tls::generate(&dir.path().join("tls"), name).map_err(|e| format!("server `{name}`: {e}"))?;
-                self.redactor.register(format!("the TLS private key of server `{name}`"), tls.key_marker.clone());
-                args.push("--tls-cert".into());
-                args.push(tls.cert.display().to_string());
-                args.push("--tls-key".into());
-                args.push(tls.key.display().to_string());
-                Some(tls)
-            } else {
-                None
-            };
-            let opts = WsgateOptions {
-                bin: &self.cfg.bin,
-                name,
-                policies: dir.path(),
-                args: &args,
-                env: &env,
-                credentials: &self.credentials,
-                ready_timeout: self.cfg.ready_timeout,
-            };
-            let server = WsgateServer::start(&opts, Arc::clone(&self.redactor)).await?;
-            self.servers.insert(name.clone(), ServerState { server, dir, tls, signalled: None });
+        if scenario.redis {
+            let bin =
+                redis_server::find_redis_server().map_err(|e| format!("the scenario has `redis: true`, but {e}"))?;
+            self.redis = Some(RedisServer::start(&bin, Arc::clone(&self.redactor), REDIS_READY).await?);
         }
+        for (name, spec) in &scenario.servers {
+            if spec.starts_with_the_scenario() {
+                self.start_server(name, spec, scenario.redis).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one server (with the scenario, or at its `start` step) and waits until it listens.
+    async fn start_server(&mut self, name: &str, spec: &ServerSpec, scenario_redis: bool) -> Result<(), String> {
+        let mut files: Vec<(String, String)> =
+            self.signing_keys.values().map(|k| (format!("keys/{}.pem", k.name), k.public_pem.clone())).collect();
+        files.extend(spec.files.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let dir = PolicyDir::create(&self.cfg.policies, spec.policy.as_ref(), &files)
+            .map_err(|e| format!("server `{name}`: {e}"))?;
+        let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut args = spec.args.clone();
+        let tls = if spec.tls {
+            // Not a policy file: wsgate reads only `*.yaml` at the top and `schemas/`, `tests/`.
+            let tls = tls::generate(&dir.path().join("tls"), name).map_err(|e| format!("server `{name}`: {e}"))?;
+            self.redactor.register(format!("the TLS private key of server `{name}`"), tls.key_marker.clone());
+            args.push("--tls-cert".into());
+            args.push(tls.cert.display().to_string());
+            args.push("--tls-key".into());
+            args.push(tls.key.display().to_string());
+            Some(tls)
+        } else {
+            None
+        };
+        if spec.uses_redis(scenario_redis)
+            && let Some(redis) = &self.redis
+        {
+            args.push("--redis".into());
+            args.push(redis.url());
+        }
+        let opts = WsgateOptions {
+            bin: &self.cfg.bin,
+            name,
+            policies: dir.path(),
+            args: &args,
+            env: &env,
+            credentials: &self.credentials,
+            ready_timeout: self.cfg.ready_timeout,
+        };
+        let server = WsgateServer::start(&opts, Arc::clone(&self.redactor)).await?;
+        self.servers.insert(name.to_string(), ServerState { server, dir, tls, signalled: None });
         Ok(())
     }
 
@@ -204,7 +242,7 @@ impl Ctx<'_> {
                 Some(conn) => format!("step {} ({} `{conn}`)", i + 1, step.kind()),
                 None => format!("step {} ({})", i + 1, step.kind()),
             };
-            self.run_step(i, step).await.map_err(|e| format!("{label}: {e}"))?;
+            self.run_step(scenario, i, step).await.map_err(|e| format!("{label}: {e}"))?;
         }
         Ok(())
     }
@@ -228,6 +266,20 @@ impl Ctx<'_> {
                 }
             }
         }
+        if let Some(redis) = &mut self.redis {
+            if show_exit
+                && !self.redis_stopped
+                && let Some(status) = redis.exit_status()
+            {
+                out.push_str(&format!("\n  redis-server is no longer running ({})", describe_exit(status)));
+            }
+            let tail = redis.log().tail(REDIS_LOG_TAIL);
+            out.push_str(&format!("\n  last {} lines of redis-server:", tail.len()));
+            for line in tail {
+                out.push_str("\n    ");
+                out.push_str(&clip(&line, 500));
+            }
+        }
         self.redactor.redact(&out)
     }
 
@@ -237,13 +289,10 @@ impl Ctx<'_> {
     }
 
     fn conn(&mut self, name: &Option<String>) -> Result<&mut ConnState, String> {
-        let name = name.as_deref().unwrap_or_default();
-        self.conns
-            .get_mut(name)
-            .ok_or_else(|| format!("connection `{name}` was never opened (its connect step failed?)"))
+        find_conn(&mut self.conns, name)
     }
 
-    async fn run_step(&mut self, index: usize, step: &Step) -> Result<(), String> {
+    async fn run_step(&mut self, scenario: &Scenario, index: usize, step: &Step) -> Result<(), String> {
         match step {
             Step::Connect(s) => self.connect(index, s).await,
             Step::Send(s) => self.send(s).await,
@@ -286,6 +335,43 @@ impl Ctx<'_> {
                 Ok(())
             }
             Step::ExpectExit(s) => self.expect_exit(s).await,
+            Step::Start(s) => {
+                let name = s.server.as_deref().unwrap_or(DEFAULT_SERVER);
+                let spec = scenario.servers.get(name).ok_or_else(|| format!("no server `{name}`"))?;
+                self.start_server(name, spec, scenario.redis).await
+            }
+            Step::StopRedis(s) => {
+                self.redis_mut()?.kill(s.signal.name()).await?;
+                self.redis_stopped = true;
+                Ok(())
+            }
+            Step::StartRedis(s) => {
+                let within = s.within.unwrap_or(DEFAULT_REDIS_READY);
+                self.redis_mut()?.restart(within.0).await?;
+                self.redis_stopped = false;
+                Ok(())
+            }
+            Step::RedisPublish(s) => self.redis_publish(s).await,
+        }
+    }
+
+    fn redis_mut(&mut self) -> Result<&mut RedisServer, String> {
+        self.redis.as_mut().ok_or_else(|| "the scenario has no Redis (`redis: true`)".to_string())
+    }
+
+    async fn redis_publish(&mut self, s: &RedisPublishStep) -> Result<(), String> {
+        let addr = self.redis_mut()?.addr();
+        let payload = match &s.payload {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let receivers = resp::publish(addr, &s.channel, payload.as_bytes(), DEFAULT_WITHIN.0).await?;
+        match s.expect_receivers {
+            Some(want) if want != receivers => Err(format!(
+                "expected PUBLISH {} to reach {want} Redis subscriber(s), it reached {receivers}",
+                s.channel
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -389,7 +475,7 @@ impl Ctx<'_> {
                 if leaks_token(&body_text) || headers.iter().any(|(_, v)| leaks_token(v)) {
                     return Err("the refusal contains the token".into());
                 }
-                check_refusal(s, &headers, &body_text)
+                check_refusal(s, &headers, &body_text, &mut self.saved)
             }
             (Outcome::Refused { status, body, .. }, None) => Err(format!(
                 "expected the handshake to be accepted, got {status} {}",
@@ -424,7 +510,8 @@ impl Ctx<'_> {
                     None => return Err(format!("no welcome frame within {within}")),
                     Some(Event::Text(text)) => {
                         let value = parse_json(&text).map_err(|e| format!("expected the welcome frame, got {e}"))?;
-                        matches(&pattern, &value).map_err(|e| format!("the welcome frame {}: {e}", brief(&value)))?;
+                        matches_saving(&pattern, &value, &mut self.saved)
+                            .map_err(|e| format!("the welcome frame {}: {e}", brief(&value)))?;
                     }
                     Some(other) => {
                         state.ended = other.is_end();
@@ -471,7 +558,8 @@ impl Ctx<'_> {
 
     async fn expect_once(&mut self, s: &ExpectStep) -> Result<(), String> {
         let (until, within) = deadline(s.within);
-        let state = self.conn(&s.conn)?;
+        let state = find_conn(&mut self.conns, &s.conn)?;
+        let saved = &mut self.saved;
         state.conn.set_reading(true);
         let mut remaining: Vec<&Value> = match (&s.json, &s.unordered) {
             (Some(pattern), _) => vec![pattern],
@@ -513,7 +601,7 @@ impl Ctx<'_> {
             let mut errors = Vec::new();
             let mut hit = None;
             for (i, pattern) in remaining.iter().enumerate() {
-                match matches(pattern, &value) {
+                match matches_saving(pattern, &value, saved) {
                     Ok(()) => {
                         hit = Some(i);
                         break;
@@ -704,21 +792,71 @@ impl Ctx<'_> {
             headers: self.admin_headers(s.auth),
             body: Some(("application/json", body)),
         };
+        if let Some(until) = &s.until {
+            return self.publish_until(s, until, admin, &req).await;
+        }
         for n in 1..=repeat {
             let which = if repeat > 1 { format!(" (publish {n} of {repeat})") } else { String::new() };
-            let resp = http::send(admin, None, &req, DEFAULT_WITHIN.0).await.map_err(|e| format!("{e}{which}"))?;
-            if resp.status != want {
-                return Err(format!("expected status {want}{which}, got {} {}", resp.status, body_text(&resp)));
-            }
-            if want == 200 {
-                let value: Value = serde_json::from_slice(&resp.body)
-                    .map_err(|_| format!("expected a JSON answer{which}, got {}", body_text(&resp)))?;
-                if !matches!(value.get("id"), Some(Value::String(id)) if !id.is_empty()) {
-                    return Err(format!("expected {{\"id\": \"<message id>\"}}{which}, got {}", brief(&value)));
-                }
+            let id = publish_once(admin, &req, want, &which).await?;
+            if let (Some(name), Some(id)) = (&s.save_id, id) {
+                self.saved.insert(name.clone(), Value::String(id));
             }
         }
         Ok(())
+    }
+
+    /// `publish … until`: publishes every `every` until `until.conn` receives a frame matching
+    /// `until.json`, up to `within`. Other frames on the connection are skipped.
+    async fn publish_until(
+        &mut self,
+        s: &PublishStep,
+        until: &DeliveredStep,
+        admin: std::net::SocketAddr,
+        req: &HttpRequest<'_>,
+    ) -> Result<(), String> {
+        let (give_up, within) = deadline(s.within);
+        let every = s.every.unwrap_or(DEFAULT_PUBLISH_EVERY);
+        let name = until.conn.clone().unwrap_or_default();
+        let state = find_conn(&mut self.conns, &until.conn)?;
+        let saved = &mut self.saved;
+        state.conn.set_reading(true);
+        let wanted = format!("a frame matching {} on `{name}`", brief(&until.json));
+        let mut published = 0usize;
+        let mut skipped = 0usize;
+        let mut last_skipped = String::new();
+        loop {
+            published += 1;
+            publish_once(admin, req, 200, &format!(" (publish {published})")).await?;
+            let next = (Instant::now() + every.0).min(give_up);
+            while let Some(event) = state.conn.next_event(next).await {
+                match event {
+                    Event::Text(text) => {
+                        let value = serde_json::from_str::<Value>(&text);
+                        if value.is_ok_and(|v| matches_saving(&until.json, &v, saved).is_ok()) {
+                            return Ok(());
+                        }
+                        skipped += 1;
+                        last_skipped = Event::Text(text).describe();
+                    }
+                    event @ Event::Binary(_) => {
+                        skipped += 1;
+                        last_skipped = event.describe();
+                    }
+                    end => {
+                        state.ended = true;
+                        return Err(format!("expected {wanted}, got {} (after {published} publishes)", end.describe()));
+                    }
+                }
+            }
+            if Instant::now() >= give_up {
+                let note = if skipped == 0 {
+                    String::new()
+                } else {
+                    format!("; skipped {skipped} other frames, the last: {last_skipped}")
+                };
+                return Err(format!("expected {wanted} within {within}; none came after {published} publishes{note}"));
+            }
+        }
     }
 
     async fn http(&mut self, s: &HttpStep) -> Result<(), String> {
@@ -741,7 +879,7 @@ impl Ctx<'_> {
         let until = s.retry_within.map(|d| Instant::now() + d.0);
         loop {
             let outcome = match (http::send(addr, tls.as_ref(), &req, DEFAULT_WITHIN.0).await, s.expect_status) {
-                (Ok(resp), Some(_)) => check_http(s, &resp),
+                (Ok(resp), Some(_)) => check_http(s, &resp, &mut self.saved),
                 (Err(e), Some(_)) => Err(e.to_string()),
                 (Err(HttpError::NoResponse(_)), None) => Ok(()),
                 (Err(e @ (HttpError::Connect(_) | HttpError::Timeout(_))), None) => {
@@ -768,11 +906,44 @@ impl Ctx<'_> {
     }
 }
 
+/// One `POST /v1/publish` that must answer `want`; with 200 the answer must carry the message
+/// id, which is returned. `which` says which publish of several it was, for messages.
+async fn publish_once(
+    admin: std::net::SocketAddr,
+    req: &HttpRequest<'_>,
+    want: u16,
+    which: &str,
+) -> Result<Option<String>, String> {
+    let resp = http::send(admin, None, req, DEFAULT_WITHIN.0).await.map_err(|e| format!("{e}{which}"))?;
+    if resp.status != want {
+        return Err(format!("expected status {want}{which}, got {} {}", resp.status, body_text(&resp)));
+    }
+    if want != 200 {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_slice(&resp.body)
+        .map_err(|_| format!("expected a JSON answer{which}, got {}", body_text(&resp)))?;
+    match value.get("id") {
+        Some(Value::String(id)) if !id.is_empty() => Ok(Some(id.clone())),
+        _ => Err(format!("expected {{\"id\": \"<message id>\"}}{which}, got {}", brief(&value))),
+    }
+}
+
+/// A connection by name (`conns` apart from the rest of the context, so a step can hold a
+/// connection and the saved values at once).
+fn find_conn<'c>(
+    conns: &'c mut HashMap<String, ConnState>,
+    name: &Option<String>,
+) -> Result<&'c mut ConnState, String> {
+    let name = name.as_deref().unwrap_or_default();
+    conns.get_mut(name).ok_or_else(|| format!("connection `{name}` was never opened (its connect step failed?)"))
+}
+
 fn body_text(resp: &HttpResponse) -> String {
     clip(&String::from_utf8_lossy(&resp.body), 300)
 }
 
-fn check_http(s: &HttpStep, resp: &HttpResponse) -> Result<(), String> {
+fn check_http(s: &HttpStep, resp: &HttpResponse, saved: &mut Saved) -> Result<(), String> {
     let what = format!("{} {}", s.method.as_deref().unwrap_or("GET").to_ascii_uppercase(), s.path);
     if let Some(want) = s.expect_status
         && resp.status != want
@@ -794,13 +965,13 @@ fn check_http(s: &HttpStep, resp: &HttpResponse) -> Result<(), String> {
     if let Some(pattern) = &s.expect_body {
         let value: Value = serde_json::from_slice(&resp.body)
             .map_err(|_| format!("{what}: expected a JSON body, got {}", body_text(resp)))?;
-        matches(pattern, &value).map_err(|e| format!("{what}: body {}: {e}", brief(&value)))?;
+        matches_saving(pattern, &value, saved).map_err(|e| format!("{what}: body {}: {e}", brief(&value)))?;
     }
     Ok(())
 }
 
 /// Checks a refusal against SPEC §3 (a JSON body with `error` and `reason`) and the step.
-fn check_refusal(s: &ConnectStep, headers: &[(String, String)], body: &str) -> Result<(), String> {
+fn check_refusal(s: &ConnectStep, headers: &[(String, String)], body: &str, saved: &mut Saved) -> Result<(), String> {
     let value: Value = serde_json::from_str(body)
         .map_err(|_| format!("expected a JSON body {{\"error\", \"reason\"}} (SPEC §3), got {}", clip(body, 300)))?;
     matches(&json!({"error": "$string", "reason": "$string"}), &value)
@@ -809,7 +980,7 @@ fn check_refusal(s: &ConnectStep, headers: &[(String, String)], body: &str) -> R
         matches(&json!({ "error": want }), &value).map_err(|e| format!("the refusal body {}: {e}", brief(&value)))?;
     }
     if let Some(pattern) = &s.expect_body {
-        matches(pattern, &value).map_err(|e| format!("the refusal body {}: {e}", brief(&value)))?;
+        matches_saving(pattern, &value, saved).map_err(|e| format!("the refusal body {}: {e}", brief(&value)))?;
     }
     let retry_after = headers.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v.trim());
     match (s.retry_after, retry_after) {
@@ -929,6 +1100,58 @@ mod tests {
         );
     }
 
+    /// A scenario with `redis: true` against stand-in servers that print their arguments: the
+    /// Redis is started first and every server that uses it gets `--redis` with its URL (a late
+    /// server too, one with `redis: false` not); `stop_redis`, `start_redis` and `redis_publish`
+    /// run against the real redis-server.
+    #[tokio::test]
+    async fn redis_scenarios_start_redis_and_pass_its_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fake_server(
+            dir.path(),
+            "echo \"started with $*\" >&2; echo 'wsgate listening ws=127.0.0.1:9 admin=127.0.0.1:9'; exec sleep 30",
+        );
+        let scenario = crate::scenario::parse(
+            "redis: true\n\
+             servers: {a: {}, solo: {redis: false}, late: {start: false}}\n\
+             steps:\n\
+             \x20 - expect_log: {server: a, contains: '--redis redis://127.0.0.1:'}\n\
+             \x20 - redis_publish: {channel: 'wsgate:ch:alerts', payload: {id: b-1, data: {}}, expect_receivers: 0}\n\
+             \x20 - stop_redis: {}\n\
+             \x20 - start_redis: {}\n\
+             \x20 - redis_publish: {channel: 'wsgate:ch:alerts', payload: 'raw text'}\n\
+             \x20 - start: {server: late}\n\
+             \x20 - expect_log: {server: late, contains: '--instance-id late --redis redis://127.0.0.1:'}\n\
+             \x20 - expect_log: {server: solo, contains: '--instance-id solo', within: 1s}\n",
+        )
+        .unwrap();
+        run(&scenario, &cfg).await.unwrap();
+
+        // The Redis URL is the one of the Redis the harness started: PUBLISH a count that fails.
+        let wrong = crate::scenario::parse(
+            "redis: true\nsteps:\n  - redis_publish: {channel: c, payload: x, expect_receivers: 3}\n",
+        )
+        .unwrap();
+        let report = run(&wrong, &cfg).await.unwrap_err();
+        assert!(
+            report
+                .starts_with("step 1 (redis_publish): expected PUBLISH c to reach 3 Redis subscriber(s), it reached 0"),
+            "{report}"
+        );
+        assert!(
+            report.contains("lines of redis-server:") && report.contains("Ready to accept connections"),
+            "{report}"
+        );
+
+        // `redis: false` leaves `--redis` out.
+        let solo = crate::scenario::parse(
+            "redis: true\nservers: {solo: {redis: false}}\nsteps:\n  - expect_log: {contains: '--redis', within: 300ms}\n",
+        )
+        .unwrap();
+        let report = run(&solo, &cfg).await.unwrap_err();
+        assert!(report.contains("no log line containing \"--redis\""), "{report}");
+    }
+
     fn connect_step(yaml: &str) -> ConnectStep {
         let scenario = crate::scenario::parse(&format!("steps:\n  - connect: {yaml}\n")).unwrap();
         match &scenario.steps[0] {
@@ -942,12 +1165,20 @@ mod tests {
         let s = connect_step("{user: a, expect_status: 429, expect_error: too_many_requests, retry_after: true}");
         let ok = r#"{"error":"too_many_requests","reason":"per-IP limit"}"#;
         let retry = vec![("retry-after".to_string(), "3".to_string())];
-        assert!(check_refusal(&s, &retry, ok).is_ok());
-        assert!(check_refusal(&s, &[], ok).unwrap_err().contains("Retry-After"));
+        assert!(check_refusal(&s, &retry, ok, &mut Saved::new()).is_ok());
+        assert!(check_refusal(&s, &[], ok, &mut Saved::new()).unwrap_err().contains("Retry-After"));
         let zero = vec![("retry-after".to_string(), "0".to_string())];
-        assert!(check_refusal(&s, &zero, ok).is_err());
-        assert!(check_refusal(&s, &retry, "nope").unwrap_err().contains("SPEC §3"));
-        assert!(check_refusal(&s, &retry, r#"{"error":"too_many_requests"}"#).unwrap_err().contains(".reason"));
-        assert!(check_refusal(&s, &retry, r#"{"error":"forbidden","reason":"x"}"#).unwrap_err().contains(".error"));
+        assert!(check_refusal(&s, &zero, ok, &mut Saved::new()).is_err());
+        assert!(check_refusal(&s, &retry, "nope", &mut Saved::new()).unwrap_err().contains("SPEC §3"));
+        assert!(
+            check_refusal(&s, &retry, r#"{"error":"too_many_requests"}"#, &mut Saved::new())
+                .unwrap_err()
+                .contains(".reason")
+        );
+        assert!(
+            check_refusal(&s, &retry, r#"{"error":"forbidden","reason":"x"}"#, &mut Saved::new())
+                .unwrap_err()
+                .contains(".error")
+        );
     }
 }

@@ -48,6 +48,10 @@ pub struct Scenario {
     /// server's policy directory as `keys/<name>.pem`; `connect` signs with one by name.
     #[serde(default)]
     pub signing_keys: Vec<String>,
+    /// Start a `redis-server` for the scenario (before any server) and pass every server
+    /// `--redis` to it, unless the server says `redis: false`.
+    #[serde(default)]
+    pub redis: bool,
     /// What to do, in order.
     pub steps: Vec<Step>,
 }
@@ -72,6 +76,26 @@ pub struct ServerSpec {
     /// clients trust only its CA.
     #[serde(default)]
     pub tls: bool,
+    /// With the scenario's `redis: true`, whether this server is given `--redis` (default yes):
+    /// `false` runs it alone, with its in-process broker.
+    #[serde(default)]
+    pub redis: Option<bool>,
+    /// `false`: declared, but not started with the others; a `start` step starts it (an
+    /// instance joining the cluster later). Default `true`.
+    #[serde(default)]
+    pub start: Option<bool>,
+}
+
+impl ServerSpec {
+    /// Whether the server starts with the scenario (not through a `start` step).
+    pub fn starts_with_the_scenario(&self) -> bool {
+        self.start.unwrap_or(true)
+    }
+
+    /// Whether the server gets `--redis`, in a scenario with `redis: scenario_redis`.
+    pub fn uses_redis(&self, scenario_redis: bool) -> bool {
+        scenario_redis && self.redis.unwrap_or(true)
+    }
 }
 
 /// One step. Written as a one-key mapping: `- connect: {…}`.
@@ -112,6 +136,14 @@ pub enum Step {
     Sighup(SighupStep),
     /// A server must exit, with this status, within a deadline.
     ExpectExit(ExpectExitStep),
+    /// Start a server declared with `start: false`, and wait until it listens.
+    Start(StartStep),
+    /// Kill the scenario's Redis (SIGKILL by default) and wait until it is gone.
+    StopRedis(StopRedisStep),
+    /// Start the scenario's Redis again, on the same port, and wait until it answers.
+    StartRedis(StartRedisStep),
+    /// `PUBLISH` straight into the scenario's Redis, as a backend would.
+    RedisPublish(RedisPublishStep),
 }
 
 impl Step {
@@ -135,6 +167,10 @@ impl Step {
             Step::Stop(_) => "stop",
             Step::Sighup(_) => "sighup",
             Step::ExpectExit(_) => "expect_exit",
+            Step::Start(_) => "start",
+            Step::StopRedis(_) => "stop_redis",
+            Step::StartRedis(_) => "start_redis",
+            Step::RedisPublish(_) => "redis_publish",
         }
     }
 
@@ -150,6 +186,7 @@ impl Step {
             Step::Stop(s) => s.server.as_deref(),
             Step::Sighup(s) => s.server.as_deref(),
             Step::ExpectExit(s) => s.server.as_deref(),
+            Step::Start(s) => s.server.as_deref(),
             _ => None,
         }
     }
@@ -415,7 +452,35 @@ pub struct PublishStep {
     /// The expected status (default 200, which also requires `{"id": …}`).
     #[serde(default)]
     pub expect_status: Option<u16>,
+    /// Save the message id the server answered under this name, for `$saved:<name>` in later
+    /// patterns (e.g. every instance delivers the message with that id).
+    #[serde(default)]
+    pub save_id: Option<String>,
+    /// Publish again every `every` until a connection receives a matching frame, up to
+    /// `within`: for deliveries that start working at some point (Redis coming back).
+    #[serde(default)]
+    pub until: Option<DeliveredStep>,
+    /// With `until`: the deadline (default 5s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+    /// With `until`: how long each publish waits for the frame before the next (default 250ms).
+    #[serde(default)]
+    pub every: Option<Dur>,
 }
+
+/// `publish … until`: the frame a repeated publish waits for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveredStep {
+    /// Which connection.
+    #[serde(default)]
+    pub conn: Option<String>,
+    /// A frame holding JSON that matches this subset.
+    pub json: Value,
+}
+
+/// The default pause between the publishes of `publish … until`.
+pub const DEFAULT_PUBLISH_EVERY: Dur = Dur(std::time::Duration::from_millis(250));
 
 /// Which listener an `http` step talks to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -570,6 +635,73 @@ pub struct ExpectExitStep {
     pub within: Option<Dur>,
 }
 
+/// `start`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartStep {
+    /// Which server (one declared with `start: false`).
+    #[serde(default)]
+    pub server: Option<String>,
+}
+
+/// The signal `stop_redis` sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum RedisSignal {
+    /// SIGKILL: Redis dies at once, as in a crash or a lost host.
+    #[default]
+    #[serde(alias = "SIGKILL")]
+    #[serde(rename = "KILL")]
+    Kill,
+    /// SIGTERM: Redis shuts down cleanly, closing its clients' connections.
+    #[serde(alias = "SIGTERM")]
+    #[serde(rename = "TERM")]
+    Term,
+}
+
+impl RedisSignal {
+    /// The name `kill` takes (`KILL`, `TERM`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RedisSignal::Kill => "KILL",
+            RedisSignal::Term => "TERM",
+        }
+    }
+}
+
+/// `stop_redis`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRedisStep {
+    /// `KILL` (default) or `TERM`.
+    #[serde(default)]
+    pub signal: RedisSignal,
+}
+
+/// `start_redis`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRedisStep {
+    /// How long Redis may take to answer (default 10s).
+    #[serde(default)]
+    pub within: Option<Dur>,
+}
+
+/// `redis_publish`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisPublishStep {
+    /// The Redis channel (`wsgate:ch:alerts` for the gateway channel `alerts`).
+    pub channel: String,
+    /// The message: a string is sent as it is, anything else as JSON.
+    pub payload: Value,
+    /// How many Redis subscribers must have received it (the integer `PUBLISH` answers).
+    #[serde(default)]
+    pub expect_receivers: Option<i64>,
+}
+
+/// The default deadline of `start_redis`.
+pub const DEFAULT_REDIS_READY: Dur = Dur::secs(10);
+
 /// The default deadline of `expect_exit`.
 pub const DEFAULT_EXIT_WITHIN: Dur = Dur::secs(15);
 
@@ -606,6 +738,8 @@ impl Scenario {
                 args: std::mem::take(&mut self.args),
                 env: std::mem::take(&mut self.env),
                 tls: std::mem::take(&mut self.tls),
+                redis: None,
+                start: None,
             };
             self.servers.insert(DEFAULT_SERVER.to_string(), spec);
         } else if shorthand {
@@ -626,6 +760,16 @@ impl Scenario {
                     "server `{name}`: `tls: true` generates the certificate; drop `{arg}` from `args`"
                 ));
             }
+            if spec.redis == Some(true) && !self.redis {
+                return Err(format!(
+                    "server `{name}`: `redis: true` needs `redis: true` at the top level, which starts the Redis"
+                ));
+            }
+            if spec.uses_redis(self.redis) && spec.args.iter().any(|a| a.starts_with("--redis")) {
+                return Err(format!(
+                    "server `{name}`: the scenario's `redis: true` passes `--redis`; drop it from `args`"
+                ));
+            }
         }
         if self.steps.is_empty() {
             return Err("a scenario needs at least one step".into());
@@ -641,12 +785,23 @@ impl Scenario {
             keys: self.signing_keys.iter().cloned().collect(),
         };
         let mut conns: BTreeSet<String> = BTreeSet::new();
+        // Names saved so far (`save_id`, `$save:NAME`), for `$saved:NAME`.
+        let mut saved: BTreeSet<String> = BTreeSet::new();
         // Servers an `expect_exit` has seen exit, with that step's number.
         let mut exited: BTreeMap<String, usize> = BTreeMap::new();
+        // Servers running at this point: those not declared `start: false`, and those started.
+        let mut started: BTreeSet<String> = self
+            .servers
+            .iter()
+            .filter(|(_, spec)| spec.starts_with_the_scenario())
+            .map(|(name, _)| name.clone())
+            .collect();
+        // The step whose `stop_redis` Redis is down since, if it is.
+        let mut redis_down: Option<usize> = None;
         for (i, step) in self.steps.iter_mut().enumerate() {
             let kind = step.kind();
             let at = |e: String| format!("step {} ({kind}): {e}", i + 1);
-            resolve_step(step, &servers, &mut conns).map_err(at)?;
+            resolve_step(step, &servers, &mut conns, &mut saved).map_err(at)?;
             // Only the log of a server that has exited can still be looked at.
             if let Some(server) = step.server()
                 && let Some(when) = exited.get(server)
@@ -654,9 +809,51 @@ impl Scenario {
             {
                 return Err(at(format!("server `{server}` has exited (step {when}); only `expect_log` can follow")));
             }
-            if let Step::ExpectExit(s) = step {
-                exited.insert(s.server.clone().unwrap_or_default(), i + 1);
+            match &*step {
+                Step::Start(s) => {
+                    let server = s.server.clone().unwrap_or_default();
+                    if !started.insert(server.clone()) {
+                        return Err(at(format!(
+                            "server `{server}` is already running (only a server declared with `start: false` \
+                             is started by a step, once)"
+                        )));
+                    }
+                }
+                step => {
+                    if let Some(server) = step.server()
+                        && !started.contains(server)
+                    {
+                        return Err(at(format!(
+                            "server `{server}` is not running yet (it is declared with `start: false`); \
+                             start it first with `start: {{server: {server}}}`"
+                        )));
+                    }
+                }
             }
+            let redis_step = matches!(step, Step::StopRedis(_) | Step::StartRedis(_) | Step::RedisPublish(_));
+            if redis_step && !self.redis {
+                return Err(at("there is no Redis: declare `redis: true` at the top level".into()));
+            }
+            match (&*step, redis_down) {
+                (Step::StopRedis(_), Some(when)) => {
+                    return Err(at(format!("Redis is already stopped (step {when})")));
+                }
+                (Step::StopRedis(_), None) => redis_down = Some(i + 1),
+                (Step::StartRedis(_), None) => {
+                    return Err(at("Redis is running; `start_redis` restarts it after a `stop_redis`".into()));
+                }
+                (Step::StartRedis(_), Some(_)) => redis_down = None,
+                (Step::RedisPublish(_), Some(when)) => {
+                    return Err(at(format!("Redis is stopped (step {when}); `start_redis` first")));
+                }
+                (Step::ExpectExit(s), _) => {
+                    exited.insert(s.server.clone().unwrap_or_default(), i + 1);
+                }
+                _ => {}
+            }
+        }
+        if let Some(name) = self.servers.keys().find(|name| !started.contains(*name)) {
+            return Err(format!("server `{name}` is declared with `start: false`, but no `start` step starts it"));
         }
         Ok(())
     }
@@ -719,10 +916,26 @@ fn exactly_one(what: &[(&str, bool)]) -> Result<(), String> {
     if given.is_empty() { Err(format!("give one of {keys}")) } else { Err(format!("give only one of {keys}")) }
 }
 
-fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>) -> Result<(), String> {
+/// Checks a JSON pattern's wildcards, and that each `$saved:NAME` names a value an earlier step
+/// saved; then adds the names it saves itself.
+fn check_pattern(pattern: &Value, saved: &mut BTreeSet<String>) -> Result<(), String> {
+    let new = crate::matching::check_pattern(pattern, saved)?;
+    saved.extend(new);
+    Ok(())
+}
+
+fn resolve_step(
+    step: &mut Step,
+    servers: &Servers,
+    conns: &mut BTreeSet<String>,
+    saved: &mut BTreeSet<String>,
+) -> Result<(), String> {
     match step {
         Step::Connect(s) => {
             pick_server(&mut s.server, servers)?;
+            for pattern in [&s.expect_welcome, &s.expect_body].into_iter().flatten() {
+                check_pattern(pattern, saved)?;
+            }
             if s.name.is_none() {
                 s.name = s.user.clone();
             }
@@ -799,6 +1012,9 @@ fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>
             if s.repeat == Some(0) || (s.repeat.is_some() && s.unordered.is_some()) {
                 return Err("`repeat` must be at least 1, and goes with `json` or `text`".into());
             }
+            for pattern in s.json.iter().chain(s.unordered.iter().flatten()) {
+                check_pattern(pattern, saved)?;
+            }
             Ok(())
         }
         Step::ExpectClose(s) => pick_conn(&mut s.conn, conns),
@@ -818,6 +1034,35 @@ fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>
             if s.repeat == Some(0) {
                 return Err("`repeat` must be at least 1".into());
             }
+            match &mut s.until {
+                Some(until) => {
+                    if s.repeat.is_some() || s.save_id.is_some() || s.expect_status.is_some_and(|st| st != 200) {
+                        return Err(
+                            "`until` publishes as often as it takes (status 200 each time); it does not go with \
+                             `repeat`, `save_id` or another `expect_status`"
+                                .into(),
+                        );
+                    }
+                    pick_conn(&mut until.conn, conns)?;
+                    check_pattern(&until.json, saved)?;
+                }
+                None if s.within.is_some() || s.every.is_some() => {
+                    return Err("`within` and `every` go with `until`".into());
+                }
+                None => {}
+            }
+            if s.every.is_some_and(|d| d.0.is_zero()) {
+                return Err("`every` must be more than 0ms".into());
+            }
+            if let Some(name) = &s.save_id {
+                if s.expect_status.is_some_and(|st| st != 200) {
+                    return Err("`save_id` needs an accepted publish (status 200)".into());
+                }
+                if !crate::matching::valid_saved_name(name) {
+                    return Err(format!("`save_id: {name}`: use letters, digits, `-`, `_`, `.`"));
+                }
+                saved.insert(name.clone());
+            }
             Ok(())
         }
         Step::Http(s) => {
@@ -835,6 +1080,9 @@ fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>
                 return Err(
                     "`expect_body`, `expect_text` and `expect_headers` need a response (`expect_status`)".into()
                 );
+            }
+            if let Some(pattern) = &s.expect_body {
+                check_pattern(pattern, saved)?;
             }
             let tls = s.server.as_ref().is_some_and(|n| servers.tls.contains(n));
             if s.plaintext && (s.listener != Listener::Ws || !tls) {
@@ -856,6 +1104,20 @@ fn resolve_step(step: &mut Step, servers: &Servers, conns: &mut BTreeSet<String>
         Step::Stop(s) => pick_server(&mut s.server, servers),
         Step::Sighup(s) => pick_server(&mut s.server, servers),
         Step::ExpectExit(s) => pick_server(&mut s.server, servers),
+        Step::Start(s) => pick_server(&mut s.server, servers),
+        Step::StopRedis(_) => Ok(()),
+        Step::StartRedis(s) => {
+            if s.within.is_some_and(|d| d.0.is_zero()) {
+                return Err("`within` must be more than 0ms".into());
+            }
+            Ok(())
+        }
+        Step::RedisPublish(s) => {
+            if s.channel.is_empty() {
+                return Err("`channel` must not be empty".into());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -990,6 +1252,129 @@ steps:
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn redis_and_late_servers_parse() {
+        let text = r#"
+redis: true
+servers:
+  a: {}
+  b: {redis: false}
+  c: {start: false}
+steps:
+  - connect: {server: a, user: alice}
+  - publish: {server: a, channel: alerts, data: {n: 1}, save_id: first}
+  - expect: {conn: alice, json: {type: message, id: $saved:first}}
+  - stop_redis: {}
+  - publish: {server: a, channel: alerts, until: {json: {type: message, id: $save:again}}, within: 10s, every: 100ms}
+  - start_redis: {within: 3s}
+  - stop_redis: {signal: SIGTERM}
+  - start_redis: {}
+  - redis_publish: {channel: "wsgate:ch:alerts", payload: {id: b-1, data: {x: 1}}, expect_receivers: 2}
+  - redis_publish: {channel: "wsgate:ch:alerts", payload: 'not json'}
+  - start: {server: c}
+  - http: {server: c, listener: admin, path: /readyz, expect_status: 200, expect_body: {id: $saved:again}}
+"#;
+        let s = parse(text).unwrap();
+        assert!(s.redis);
+        assert!(s.servers["a"].uses_redis(s.redis) && !s.servers["b"].uses_redis(s.redis));
+        assert!(!s.servers["c"].starts_with_the_scenario() && s.servers["a"].starts_with_the_scenario());
+        let kinds: Vec<&str> = s.steps.iter().map(Step::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "connect",
+                "publish",
+                "expect",
+                "stop_redis",
+                "publish",
+                "start_redis",
+                "stop_redis",
+                "start_redis",
+                "redis_publish",
+                "redis_publish",
+                "start",
+                "http"
+            ]
+        );
+        let Step::Publish(p) = &s.steps[4] else { panic!() };
+        let until = p.until.as_ref().unwrap();
+        assert_eq!(
+            (until.conn.as_deref(), p.within, p.every),
+            (Some("alice"), Some(Dur::secs(10)), Some(Dur::millis(100)))
+        );
+        let Step::StopRedis(stop) = &s.steps[3] else { panic!() };
+        assert_eq!(stop.signal.name(), "KILL");
+        let Step::StopRedis(stop) = &s.steps[6] else { panic!() };
+        assert_eq!(stop.signal, RedisSignal::Term);
+        let Step::RedisPublish(r) = &s.steps[8] else { panic!() };
+        assert_eq!((r.payload["id"].as_str(), r.expect_receivers), (Some("b-1"), Some(2)));
+        let Step::Start(start) = &s.steps[10] else { panic!() };
+        assert_eq!(start.server.as_deref(), Some("c"));
+        // With one server, the shorthand form gets the Redis too.
+        let s = parse("redis: true\nsteps:\n  - stop_redis: {}\n").unwrap();
+        assert!(s.servers["main"].uses_redis(s.redis));
+    }
+
+    #[test]
+    fn redis_steps_need_a_redis_in_the_right_state() {
+        let e = err("steps:\n  - stop_redis: {}\n");
+        assert!(e.starts_with("step 1 (stop_redis)") && e.contains("declare `redis: true`"), "{e}");
+        assert!(err("steps:\n  - redis_publish: {channel: x, payload: y}\n").contains("declare `redis: true`"));
+        let r = "redis: true\nsteps:\n";
+        assert!(err(&format!("{r}  - start_redis: {{}}\n")).contains("Redis is running"));
+        let e = err(&format!("{r}  - stop_redis: {{}}\n  - stop_redis: {{signal: TERM}}\n"));
+        assert!(e.starts_with("step 2") && e.contains("already stopped (step 1)"), "{e}");
+        let e = err(&format!("{r}  - stop_redis: {{}}\n  - redis_publish: {{channel: c, payload: {{}}}}\n"));
+        assert!(e.contains("Redis is stopped (step 1)"), "{e}");
+        assert!(err(&format!("{r}  - stop_redis: {{signal: INT}}\n")).contains("INT"));
+        assert!(err(&format!("{r}  - redis_publish: {{channel: c}}\n")).contains("payload"));
+        let e = err("servers: {a: {redis: true}}\nsteps:\n  - wait: 1s\n");
+        assert!(e.contains("needs `redis: true` at the top level"), "{e}");
+        let e = err("redis: true\nargs: [--redis, redis://x/]\nsteps:\n  - wait: 1s\n");
+        assert!(e.contains("drop it from `args`"), "{e}");
+        // A server that does not use the Redis may name its own.
+        parse("redis: true\nservers: {a: {redis: false, args: [--redis, redis://x/]}}\nsteps:\n  - wait: 1s\n")
+            .unwrap();
+    }
+
+    #[test]
+    fn late_servers_are_started_once_before_use() {
+        let two = "servers: {a: {}, b: {start: false}}\nsteps:\n";
+        let e = err(&format!("{two}  - connect: {{server: b, user: x}}\n  - start: {{server: b}}\n"));
+        assert!(e.starts_with("step 1 (connect)") && e.contains("not running yet") && e.contains("start: {server: b}"));
+        let e = err(&format!("{two}  - start: {{server: b}}\n  - start: {{server: b}}\n"));
+        assert!(e.starts_with("step 2 (start)") && e.contains("already running"), "{e}");
+        assert!(err(&format!("{two}  - start: {{server: a}}\n")).contains("already running"));
+        assert!(err(&format!("{two}  - wait: 1s\n")).contains("no `start` step starts it"));
+        assert!(err(&format!("{two}  - start: {{}}\n")).contains("say which `server`"));
+        let e = err(&format!(
+            "{two}  - start: {{server: b}}\n  - stop: {{server: b}}\n  - expect_exit: {{server: b}}\n  - start: {{server: b}}\n"
+        ));
+        assert!(e.contains("has exited"), "{e}");
+    }
+
+    #[test]
+    fn saved_values_and_publish_until_are_checked() {
+        let c = "steps:\n  - connect: {user: a}\n";
+        let e = err(&format!("{c}  - expect: {{json: {{id: $saved:m}}}}\n"));
+        assert!(e.starts_with("step 2 (expect)") && e.contains("no earlier step saved a value as `m`"), "{e}");
+        let e = err(&format!("{c}  - expect: {{json: {{id: $bogus}}}}\n"));
+        assert!(e.contains("unknown wildcard `$bogus`"), "{e}");
+        parse(&format!("{c}  - expect: {{json: {{id: $save:m}}}}\n  - expect: {{json: {{id: $saved:m}}}}\n")).unwrap();
+        let e = err(&format!("{c}  - publish: {{channel: x, save_id: 'a b'}}\n"));
+        assert!(e.contains("save_id"), "{e}");
+        assert!(
+            err(&format!("{c}  - publish: {{channel: x, save_id: m, expect_status: 403}}\n")).contains("status 200")
+        );
+        let until = "until: {json: {type: message}}";
+        assert!(err(&format!("{c}  - publish: {{channel: x, {until}, repeat: 2}}\n")).contains("does not go with"));
+        assert!(err(&format!("{c}  - publish: {{channel: x, {until}, save_id: m}}\n")).contains("does not go with"));
+        assert!(err(&format!("{c}  - publish: {{channel: x, {until}, every: 0ms}}\n")).contains("more than 0ms"));
+        assert!(err(&format!("{c}  - publish: {{channel: x, within: 1s}}\n")).contains("go with `until`"));
+        assert!(err(&format!("{c}  - publish: {{channel: x, until: {{conn: z, json: {{}}}}}}\n")).contains("`z`"));
+        assert!(err("steps:\n  - publish: {channel: x, until: {json: {}}}\n").contains("no connection was opened"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Child processes the harness runs: the `wsgate` servers (and, later, `redis-server`). A
+//! Child processes the harness runs: the `wsgate` servers and `redis-server`. A
 //! [`Process`] captures the child's stdout and stderr into a [`LogBuffer`] for failure reports
 //! and log checks, waits for a readiness line, stops the child with SIGTERM, and kills it when
 //! dropped — nothing the harness starts may outlive it.
