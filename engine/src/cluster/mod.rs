@@ -566,20 +566,18 @@ async fn subscriber(
             }
             let Some(con) = connection.as_mut() else { continue };
             let (result, done) = match order {
-                Subscription::Subscribe(channel) => {
-                    let mut channels = vec![keys::channel(&channel)];
-                    while let Some(Subscription::Subscribe(next)) = orders.peek() {
-                        channels.push(keys::channel(next));
-                        orders.next();
-                    }
+                Subscription::Subscribe(first) => {
+                    let channels = run_of(first, &mut orders, |o| match o {
+                        Subscription::Subscribe(c) => Some(c),
+                        _ => None,
+                    });
                     (con.subscribe(channels).await, None)
                 }
-                Subscription::Unsubscribe(channel) => {
-                    let mut channels = vec![keys::channel(&channel)];
-                    while let Some(Subscription::Unsubscribe(next)) = orders.peek() {
-                        channels.push(keys::channel(next));
-                        orders.next();
-                    }
+                Subscription::Unsubscribe(first) => {
+                    let channels = run_of(first, &mut orders, |o| match o {
+                        Subscription::Unsubscribe(c) => Some(c),
+                        _ => None,
+                    });
                     (con.unsubscribe(channels).await, None)
                 }
                 Subscription::Barrier(done) => (Ok(()), Some(done)),
@@ -598,6 +596,21 @@ async fn subscriber(
             }
         }
     }
+}
+
+/// The Redis channels of `first` and of the orders right after it that `same` accepts (a run
+/// of subscribes, or of unsubscribes), which are taken off `orders`.
+fn run_of(
+    first: String,
+    orders: &mut std::iter::Peekable<impl Iterator<Item = Subscription>>,
+    same: impl Fn(&Subscription) -> Option<&String>,
+) -> Vec<String> {
+    let mut channels = vec![keys::channel(&first)];
+    while let Some(next) = orders.peek().and_then(&same) {
+        channels.push(keys::channel(next));
+        orders.next();
+    }
+    channels
 }
 
 /// Most orders the subscriber takes at once.
