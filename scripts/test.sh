@@ -75,6 +75,11 @@ step "live reload: 50 saves, each timed until a live connection is decided under
 # is looser so a busy CI machine does not fail it, while a regression to seconds still does.
 ./target/debug/wsgate-harness reload-latency --saves 50 --bin target/debug/wsgate --max-p99 250ms
 
+step "fan-out at scale: 400 clients on 2 instances over Redis, every message once, one id"
+# A correctness guard (fanout-latency fails on a missing, duplicated or re-numbered delivery);
+# latency figures come from release builds (README, "Running several instances").
+./target/debug/wsgate-harness fanout-latency --bin target/debug/wsgate --clients 400 --instances 2 --messages 20 --interval 50ms
+
 fuzz_seconds="${FUZZ_SECONDS:-10}"
 if [ "$fuzz_seconds" != 0 ]; then
   step "fuzz each target for ${fuzz_seconds}s"
