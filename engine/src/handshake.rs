@@ -154,16 +154,9 @@ async fn count(
     session: SessionId,
     now: Instant,
 ) -> Result<(IpSlot, Option<Lease>), Limited> {
-    let Some(cluster) = &gw.cluster else {
-        let slot = gw.per_ip.acquire(ip, limits.max_per_ip).ok_or(Limited::PerIp)?;
-        gw.reconnects
-            .admit(&user.to_string(), now, limits.reconnects_max, limits.reconnects_per)
-            .map_err(Limited::Reconnects)?;
-        return Ok((slot, None));
-    };
-    let member = keys::member(cluster::now_ms(), cluster.origin(), session);
-    if cluster.is_up() {
-        match cluster.admit(ip, user, limits, member.clone()).await {
+    let member = |cluster: &cluster::Cluster| keys::member(cluster::now_ms(), cluster.origin(), session);
+    if let Some(cluster) = gw.cluster.as_ref().filter(|c| c.is_up()) {
+        match cluster.admit(ip, user, limits, member(cluster)).await {
             Ok(cluster::Admission::Admitted(lease)) => {
                 let slot = gw.per_ip.acquire(ip, u64::MAX).ok_or(Limited::PerIp)?;
                 let _ = gw.reconnects.admit(&user.to_string(), now, u64::MAX, limits.reconnects_per);
@@ -179,8 +172,8 @@ async fn count(
     gw.reconnects
         .admit(&user.to_string(), now, limits.reconnects_max, limits.reconnects_per)
         .map_err(Limited::Reconnects)?;
-    // Known here, and added to the cluster's counts when Redis returns.
-    Ok((slot, Some(cluster.lease_locally(ip, member))))
+    // With `--redis`: known here, and added to the cluster's counts when Redis returns.
+    Ok((slot, gw.cluster.as_ref().map(|c| c.lease_locally(ip, member(c)))))
 }
 
 /// The handshake's answer to a token that does not admit the connection.

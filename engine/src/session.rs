@@ -239,6 +239,11 @@ where
         "instance": gw.options.instance_id,
         "heartbeat_ms": limits.heartbeat_interval.as_millis(),
     });
+    if let (Some(cluster), Some(lease)) = (&gw.cluster, &lease) {
+        // Connections of the user on other instances beyond `max_per_user` close with 4009.
+        let (cluster, gw, member, user) = (cluster.clone(), gw.clone(), lease.member().to_string(), user.clone());
+        tokio::spawn(async move { cluster.register(&gw, &member, &user, max_per_user).await });
+    }
     let mut session = Box::new(Session {
         phase: gw.watch_phase(),
         gw: gw.clone(),
@@ -260,16 +265,9 @@ where
         request,
         timers,
         _ip_slot: ip_slot,
-        _lease: None,
+        _lease: lease,
     });
     let replaced = gw.sessions.register(&session.user, id, session.mailbox.clone(), max_per_user);
-    if let (Some(cluster), Some(lease)) = (&gw.cluster, &lease) {
-        // Connections of the user on other instances beyond `max_per_user` close with 4009.
-        let (cluster, gw, member, user) =
-            (cluster.clone(), gw.clone(), lease.member().to_string(), session.user.clone());
-        tokio::spawn(async move { cluster.register(&gw, &member, &user, max_per_user).await });
-    }
-    session._lease = lease;
     gw.metrics.connections_active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(session = %session.name, user = %session.user, ip = %ip, replaced, "connection opened");
     session.subscribe("alerts");

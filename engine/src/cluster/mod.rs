@@ -245,17 +245,30 @@ impl Cluster {
 
     /// Publishes a delivery for the other instances. Skipped while Redis is away.
     async fn publish(&self, delivery: &Delivery) {
-        if !self.is_up() {
-            return;
+        if self.is_up() {
+            self.send(&keys::channel(&delivery.channel), &wire::encode(delivery, &self.origin)).await;
         }
-        let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(keys::channel(&delivery.channel))
-            .arg(wire::encode(delivery, &self.origin))
-            .query_async(&mut self.connection())
-            .await;
-        if let Err(e) = published {
-            self.mark_down(&e.to_string());
+    }
+
+    /// One `PUBLISH`; a failure marks Redis away. Returns whether Redis took it.
+    async fn send(&self, channel: &str, payload: &str) -> bool {
+        let published: redis::RedisResult<i64> =
+            redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut self.connection()).await;
+        match published {
+            Ok(_) => true,
+            Err(e) => {
+                self.mark_down(&e.to_string());
+                false
+            }
         }
+    }
+
+    /// Gives the subscriber task an order and waits (at most `within`) for its answer: whether
+    /// it was carried out.
+    async fn ask(&self, order: fn(oneshot::Sender<bool>) -> Subscription, within: Duration) -> bool {
+        let (done, result) = oneshot::channel();
+        self.subscriptions.send(order(done)).is_ok()
+            && matches!(tokio::time::timeout(within, result).await, Ok(Ok(true)))
     }
 
     /// Counts a handshake against the address's and the user's cluster-wide limits; `Err`
@@ -350,15 +363,7 @@ impl Cluster {
     }
 
     async fn control(&self, control: &Control) -> bool {
-        let sent: redis::RedisResult<i64> =
-            redis::cmd("PUBLISH").arg(keys::CONTROL).arg(control.encode()).query_async(&mut self.connection()).await;
-        match sent {
-            Ok(_) => true,
-            Err(e) => {
-                self.mark_down(&e.to_string());
-                false
-            }
-        }
+        self.send(keys::CONTROL, &control.encode()).await
     }
 
     /// `POST /v1/disconnect` taken here (and done locally already): records the revocation in
@@ -637,10 +642,7 @@ fn subscription_connection(client: &redis::Client, gw: &Weak<Gateway>) -> redis:
 async fn health(gw: Weak<Gateway>) {
     // Subscribe first, so the first probe finds the subscription in place.
     if let Some(cluster) = gw.upgrade().and_then(|gw| gw.cluster.clone()) {
-        let (done, result) = oneshot::channel();
-        let _ = cluster.subscriptions.send(Subscription::Resync(done));
-        drop(cluster);
-        let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, result).await;
+        cluster.ask(Subscription::Resync, RESPONSE_TIMEOUT * 2).await;
     }
     let mut every = tokio::time::interval(PROBE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -690,9 +692,7 @@ async fn health(gw: Weak<Gateway>) {
                     tracing::warn!(probes = missing, "the Redis subscription stopped delivering; reconnecting it");
                     missing = 0;
                     last_sent = None;
-                    let (done, result) = oneshot::channel();
-                    let _ = cluster.subscriptions.send(Subscription::Rebuild(done));
-                    let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, result).await;
+                    cluster.ask(Subscription::Rebuild, RESPONSE_TIMEOUT * 2).await;
                 }
             }
         }
@@ -702,9 +702,7 @@ async fn health(gw: Weak<Gateway>) {
 /// Back from an outage (or the first contact): subscribe to everything, restore leases and
 /// revocations, then mark the link up.
 async fn restore(gw: &Gateway, cluster: &Cluster) {
-    let (done, result) = oneshot::channel();
-    let _ = cluster.subscriptions.send(Subscription::Resync(done));
-    if !matches!(tokio::time::timeout(RESPONSE_TIMEOUT * 2, result).await, Ok(Ok(true))) {
+    if !cluster.ask(Subscription::Resync, RESPONSE_TIMEOUT * 2).await {
         return;
     }
     if let Err(e) = cluster.renew_leases().await {
@@ -746,10 +744,7 @@ impl Backplane for RedisBackplane {
             if !self.cluster.is_up() {
                 return; // nothing to wait for: delivery is local until Redis returns
             }
-            let (done, result) = oneshot::channel();
-            if self.cluster.subscriptions.send(Subscription::Barrier(done)).is_ok() {
-                let _ = tokio::time::timeout(RESPONSE_TIMEOUT, result).await;
-            }
+            self.cluster.ask(Subscription::Barrier, RESPONSE_TIMEOUT).await;
         })
     }
 
