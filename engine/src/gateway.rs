@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::auth::Revocations;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
-use crate::cluster::{Cluster, RedisBackplane};
+use crate::cluster::{Cluster, RedisBackplane, Topology};
 use crate::limits::{IpCounter, KeyedWindows, Pacer, RateEstimator};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -133,12 +133,18 @@ impl Gateway {
         Gateway::build(policy, options, metrics, None)
     }
 
-    /// A gateway that is one of several instances sharing the Redis at `url`. Must be called
-    /// inside the runtime (it starts the Redis tasks). A Redis that is down is waited for;
-    /// only a malformed URL is an error.
-    pub fn with_redis(policy: Arc<Policy>, options: GatewayOptions, url: &str) -> Result<Arc<Gateway>, String> {
+    /// A gateway that is one of several instances sharing the Redis at `url` (a Redis Cluster's
+    /// seed nodes, comma-separated, for [`Topology::Cluster`]). Must be called inside the
+    /// runtime (it starts the Redis tasks). A Redis that is down is waited for; only a malformed
+    /// URL is an error.
+    pub fn with_redis(
+        policy: Arc<Policy>,
+        options: GatewayOptions,
+        url: &str,
+        topology: Topology,
+    ) -> Result<Arc<Gateway>, String> {
         let metrics = Arc::new(Metrics::default());
-        let cluster = Cluster::new(url, metrics.clone(), options.revocation_ttl)?;
+        let cluster = Cluster::new(url, topology, metrics.clone(), options.revocation_ttl)?;
         let gw = Gateway::build(policy, options, metrics, Some(cluster.clone()));
         cluster.start(&gw);
         Ok(gw)

@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use tokio::net::TcpListener;
 
 use crate::cli::{EXIT_CONFIG, parse_ttl, print_errors};
+use crate::cluster::Topology;
 use crate::gateway::{Failpoint, Gateway, GatewayOptions};
 use crate::policy::compile::process_env;
 use crate::policy::{CompileOptions, PolicySource, compile};
@@ -36,9 +37,13 @@ pub struct ServeArgs {
     /// The admin address: metrics, health, admin API.
     #[arg(long, env = "WSGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
-    /// Redis URL for running several instances as one.
+    /// Redis URL for running several instances as one (with --redis-cluster: the cluster's
+    /// seed nodes, comma-separated).
     #[arg(long, env = "WSGATE_REDIS_URL")]
     pub redis: Option<String>,
+    /// --redis names a Redis Cluster: sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7).
+    #[arg(long, env = "WSGATE_REDIS_CLUSTER", requires = "redis")]
+    pub redis_cluster: bool,
     /// This instance's id (default: host name and process id).
     #[arg(long, env = "WSGATE_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -176,9 +181,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
         };
         // Handlers go in before anyone can know the address: a SIGTERM right after the listening
         // line must drain, not kill.
+        let topology = if args.redis_cluster { Topology::Cluster } else { Topology::Server };
         let gw = match args.redis.as_deref().filter(|url| !url.is_empty()) {
             None => Gateway::new(policy, gateway_options),
-            Some(url) => match Gateway::with_redis(policy, gateway_options, url) {
+            Some(url) => match Gateway::with_redis(policy, gateway_options, url, topology) {
                 Ok(gw) => gw,
                 Err(e) => return refuse_start(&e),
             },

@@ -10,14 +10,43 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::inproc::*;
-use common::redis::RedisServer;
+use common::redis::TestRedis;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use wsgate::broker::Delivery;
+use wsgate::cluster::Topology;
 use wsgate::gateway::{Gateway, GatewayOptions};
 use wsgate::policy::source::SourceFile;
 use wsgate::policy::{CompileOptions, Policy, PolicySource, compile};
+
+/// Runs a test body against one `redis-server`, and (with `cluster`) against a Redis Cluster of
+/// three nodes with sharded pub/sub: `<name>::server`, `<name>::cluster`.
+macro_rules! against {
+    ($name:ident: $($topology:ident),+) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $topology() {
+                    super::$name(super::TestRedis::$topology().await).await;
+                }
+            )+
+        }
+    };
+}
+
+against!(a_publish_reaches_every_instance_once_with_one_id: server, cluster);
+against!(an_instance_listens_only_for_channels_it_has_subscribers_for: server, cluster);
+against!(a_newer_connection_on_another_instance_closes_the_older_with_4009: server, cluster);
+against!(disconnect_and_revocation_reach_every_instance_and_one_started_later: server, cluster);
+against!(per_ip_and_reconnect_limits_count_every_instance: server, cluster);
+against!(a_crashed_instances_connections_stop_counting_when_their_leases_lapse: server, cluster);
+against!(a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself: server, cluster);
+against!(a_killed_subscription_is_noticed_and_restored: server);
+against!(a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt: server);
+against!(a_confirmed_subscription_is_in_effect_in_redis: server, cluster);
+against!(an_instance_started_while_redis_is_down_waits_for_it: server, cluster);
+against!(slots_are_the_clusters_own: cluster);
 
 const ADMIN: &str = "cluster-admin-token";
 
@@ -33,9 +62,9 @@ fn same(s: String) -> String {
 }
 
 /// An instance on `redis`, once it has reached Redis.
-async fn instance(redis: &RedisServer, name: &str, edit: impl Fn(String) -> String) -> Arc<Gateway> {
+async fn instance(redis: &TestRedis, name: &str, edit: impl Fn(String) -> String) -> Arc<Gateway> {
     let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new(name) };
-    let gw = Gateway::with_redis(policy(edit), options, &redis.url()).unwrap();
+    let gw = Gateway::with_redis(policy(edit), options, &redis.url(), redis.topology()).unwrap();
     eventually(&format!("instance {name} reaches Redis"), Duration::from_secs(10), || async { up(&gw) }).await;
     gw
 }
@@ -54,11 +83,8 @@ async fn eventually<F: Future<Output = bool>>(what: &str, within: Duration, mut 
 }
 
 /// Subscribers of a client channel in Redis (one per instance listening for it).
-async fn listeners(redis: &RedisServer, channel: &str) -> i64 {
-    let mut con = redis.connection().await.unwrap();
-    let (_, n): (String, i64) =
-        redis::cmd("PUBSUB").arg("NUMSUB").arg(format!("wsgate:ch:{channel}")).query_async(&mut con).await.unwrap();
-    n
+async fn listeners(redis: &TestRedis, channel: &str) -> i64 {
+    redis.subscribers(&format!("wsgate:ch:{channel}")).await
 }
 
 async fn publish(gw: &Gateway, channel: &str, data: Value) -> String {
@@ -97,9 +123,7 @@ async fn connect_as(gw: &Arc<Gateway>, user: &str, peer: &str) -> Result<Client,
     Ok(ws)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_reaches_every_instance_once_with_one_id() {
-    let redis = RedisServer::start().await;
+async fn a_publish_reaches_every_instance_once_with_one_id(redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
     let b = instance(&redis, "b", same).await;
     let mut on_a = connect(&a, &token("alice", HOUR, &[])).await;
@@ -119,8 +143,8 @@ async fn a_publish_reaches_every_instance_once_with_one_id() {
     }
 
     // A backend publishing straight into Redis reaches both, under its own id.
-    let mut con = redis.connection().await.unwrap();
-    let reached: i64 = redis::cmd("PUBLISH")
+    let mut con = redis.connection().await;
+    let reached: i64 = redis::cmd(redis.publish_command())
         .arg("wsgate:ch:alerts")
         .arg(r#"{"id":"backend-1","data":{"from":"backend"}}"#)
         .query_async(&mut con)
@@ -141,9 +165,7 @@ async fn a_publish_reaches_every_instance_once_with_one_id() {
     ping_pong(&mut on_a, "a2").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_listens_only_for_channels_it_has_subscribers_for() {
-    let redis = RedisServer::start().await;
+async fn an_instance_listens_only_for_channels_it_has_subscribers_for(redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
     let b = instance(&redis, "b", same).await;
     let _alice = connect(&a, &token("alice", HOUR, &[])).await;
@@ -165,13 +187,11 @@ async fn an_instance_listens_only_for_channels_it_has_subscribers_for() {
     assert!(b.hub.channels().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_newer_connection_on_another_instance_closes_the_older_with_4009() {
-    let redis = RedisServer::start().await;
+async fn a_newer_connection_on_another_instance_closes_the_older_with_4009(redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
     let b = instance(&redis, "b", same).await;
     let mut older = connect(&a, &token("alice", HOUR, &[])).await;
-    let mut con = redis.connection().await.unwrap();
+    let mut con = redis.connection().await;
     eventually("alice's connection is registered", Duration::from_secs(5), || {
         let mut con = con.clone();
         async move { redis::cmd("ZCARD").arg("wsgate:user:alice").query_async::<i64>(&mut con).await.unwrap() == 1 }
@@ -189,9 +209,7 @@ async fn a_newer_connection_on_another_instance_closes_the_older_with_4009() {
     assert_eq!(left, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_and_revocation_reach_every_instance_and_one_started_later() {
-    let redis = RedisServer::start().await;
+async fn disconnect_and_revocation_reach_every_instance_and_one_started_later(redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
     let b = instance(&redis, "b", same).await;
     let old_token = token("alice", HOUR, &[]);
@@ -208,16 +226,20 @@ async fn disconnect_and_revocation_reach_every_instance_and_one_started_later() 
     let later = instance(&redis, "c", same).await;
     let refused = connect_from(&later, &format!("/ws?token={old_token}"), "127.0.0.1:40001", &[]).await.unwrap_err();
     assert_eq!(refused.status, 401, "an instance started after the revocation honours it: {:?}", refused.body);
-    let mut con = redis.connection().await.unwrap();
-    let ttl: i64 = redis::cmd("PTTL").arg("wsgate:revoked:alice").query_async(&mut con).await.unwrap();
-    assert!(ttl > 0 && ttl <= 86_400_000, "the revocation lasts the revocation TTL: {ttl} ms");
+    let mut con = redis.connection().await;
+    let live: Vec<String> =
+        redis::cmd("ZRANGE").arg("wsgate:revocations").arg(0).arg(-1).query_async(&mut con).await.unwrap();
+    assert!(
+        matches!(&live[..], [one] if one.ends_with("|alice") && one.split('|').next().unwrap().parse::<u64>().is_ok()),
+        "one revocation, `<revoked at ms>|alice`: {live:?}"
+    );
+    let ttl: i64 = redis::cmd("PTTL").arg("wsgate:revocations").query_async(&mut con).await.unwrap();
+    assert!(ttl > 0 && ttl <= 86_400_000, "the revocations last the revocation TTL: {ttl} ms");
     // Another user is untouched.
     connect(&later, &token("bob", HOUR, &[])).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_ip_and_reconnect_limits_count_every_instance() {
-    let redis = RedisServer::start().await;
+async fn per_ip_and_reconnect_limits_count_every_instance(redis: TestRedis) {
     let edit =
         |d: String| d.replace("max_per_ip: 100", "max_per_ip: 2").replace("{max: 5, per: 1m}", "{max: 2, per: 1m}");
     let a = instance(&redis, "a", edit).await;
@@ -243,14 +265,47 @@ async fn per_ip_and_reconnect_limits_count_every_instance() {
     assert_eq!(refused.status, 429, "{:?}", refused.body);
     let wait: u64 = refused.retry_after.unwrap().parse().unwrap();
     assert!((55..=60).contains(&wait), "retry after the oldest leaves the window: {wait}");
+    let mut con = redis.connection().await;
+    let leased: i64 = redis::cmd("ZCARD").arg("wsgate:ip:10.1.0.3").query_async(&mut con).await.unwrap();
+    assert_eq!(leased, 0, "a handshake refused for reconnects holds no lease on its address");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_instances_connections_stop_counting_when_their_leases_lapse() {
-    let redis = RedisServer::start().await;
+async fn an_instance_started_while_redis_is_down_waits_for_it(mut redis: TestRedis) {
+    redis.stop().await;
+    let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new("early") };
+    let a = Gateway::with_redis(policy(same), options, &redis.url(), redis.topology()).unwrap();
+    let mut alice = connect(&a, &token("alice", HOUR, &[])).await;
+    let (status, _) = admin(&a, "GET", "/readyz", "").await;
+    assert_eq!(status, 503, "not ready without Redis");
+    let local = publish(&a, "alerts", json!("local")).await;
+    assert_eq!(next_json(&mut alice).await["id"], local.as_str(), "serving locally meanwhile");
+
+    redis.restart().await;
+    eventually("the instance reaches Redis once it is there", Duration::from_secs(15), || async { up(&a) }).await;
+    let b = instance(&redis, "b", same).await;
+    eventually("a listens for alerts", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 1 })
+        .await;
+    let id = publish(&b, "alerts", json!("from b")).await;
+    assert_eq!(next_json(&mut alice).await["id"], id.as_str());
+}
+
+/// The hash slots wsgate computes (to keep each pipeline and subscribe in one slot) are the
+/// cluster's own.
+async fn slots_are_the_clusters_own(redis: TestRedis) {
+    let mut con = redis.connection().await;
+    let mut keys: Vec<String> =
+        ["wsgate:ch:alerts", "wsgate:user:{alice}", "{}x", "a{b}c{d}", "{{x}}", "é{ü}", ""].map(String::from).to_vec();
+    keys.extend((0..200).map(|n| format!("wsgate:ip:10.0.{}.{n}", n % 7)));
+    for key in keys {
+        let theirs: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(&key).query_async(&mut con).await.unwrap();
+        assert_eq!(wsgate::cluster::keys::slot(key.as_bytes()), theirs, "{key:?}");
+    }
+}
+
+async fn a_crashed_instances_connections_stop_counting_when_their_leases_lapse(redis: TestRedis) {
     let a = instance(&redis, "a", |d| d.replace("max_per_ip: 100", "max_per_ip: 2")).await;
     // Two connections of an instance that died without a word: leases that lapse soon.
-    let mut con = redis.connection().await.unwrap();
+    let mut con = redis.connection().await;
     let lapse = wsgate::cluster::now_ms() + 400;
     let _: () = redis::cmd("ZADD")
         .arg("wsgate:ip:10.0.0.9")
@@ -274,9 +329,7 @@ async fn a_crashed_instances_connections_stop_counting_when_their_leases_lapse()
     assert_eq!(live, 1, "only the live connection is left");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself() {
-    let mut redis = RedisServer::start().await;
+async fn a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself(mut redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
     let b = instance(&redis, "b", same).await;
     let mut alice = connect(&a, &token("alice", HOUR, &[])).await;
@@ -308,20 +361,18 @@ async fn a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself() {
     assert_eq!(m["id"], id.as_str(), "bob got nothing from the outage, then this");
     assert_eq!(next_json(&mut alice).await["id"], id.as_str());
     // The counts were restored: carol (admitted during the outage) and the others hold leases.
-    let mut con = redis.connection().await.unwrap();
+    let mut con = redis.connection().await;
     let leased: i64 = redis::cmd("ZCARD").arg("wsgate:ip:127.0.0.1").query_async(&mut con).await.unwrap();
     assert_eq!(leased, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_subscription_is_noticed_and_restored() {
-    let redis = RedisServer::start().await;
+async fn a_killed_subscription_is_noticed_and_restored(redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
     let b = instance(&redis, "b", same).await;
     let _alice = connect(&a, &token("alice", HOUR, &[])).await;
     let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
     eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
-    let mut con = redis.connection().await.unwrap();
+    let mut con = redis.connection().await;
     let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut con).await.unwrap();
     assert_eq!(killed, 2);
     eventually("the subscriptions are back", Duration::from_secs(10), || async {
@@ -337,13 +388,12 @@ async fn a_killed_subscription_is_noticed_and_restored() {
 /// nothing, and health stayed green. Here the subscription is wedged the same way (open, but
 /// Redis' pushes never arrive) while commands keep working: the probe notices, the instance
 /// reports itself away, and rebuilds the subscription.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt() {
-    let redis = RedisServer::start().await;
-    let proxy = common::proxy::Proxy::start(redis.port).await;
+async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt(redis: TestRedis) {
+    let TestRedis::Server(server) = &redis else { unreachable!("a proxy in front of one server") };
+    let proxy = common::proxy::Proxy::start(server.port).await;
     let a = instance(&redis, "a", same).await;
     let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new("b") };
-    let b = Gateway::with_redis(policy(same), options, &proxy.url()).unwrap();
+    let b = Gateway::with_redis(policy(same), options, &proxy.url(), Topology::Server).unwrap();
     eventually("b reaches Redis through the proxy", Duration::from_secs(10), || async { up(&b) }).await;
     let _alice = connect(&a, &token("alice", HOUR, &[])).await;
     let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
@@ -361,15 +411,13 @@ async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt() {
 
 /// A client's welcome (and its `ok` to a `subscribe`) is sent only once Redis has its
 /// subscription in effect: whatever is published after it arrives.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirmed_subscription_is_in_effect_in_redis() {
-    let redis = RedisServer::start().await;
+async fn a_confirmed_subscription_is_in_effect_in_redis(redis: TestRedis) {
     let a = instance(&redis, "a", same).await;
-    let mut con = redis.connection().await.unwrap();
+    let mut con = redis.connection().await;
     for n in 0..40 {
         let user = format!("fresh{n}");
         let mut ws = connect(&a, &token(&user, HOUR, &[])).await;
-        let reached: i64 = redis::cmd("PUBLISH")
+        let reached: i64 = redis::cmd(redis.publish_command())
             .arg(format!("wsgate:ch:user:{user}"))
             .arg(r#"{"id":"x","data":1}"#)
             .query_async(&mut con)
@@ -379,8 +427,12 @@ async fn a_confirmed_subscription_is_in_effect_in_redis() {
         assert_eq!(next_json(&mut ws).await["id"], "x");
         send(&mut ws, json!({"type": "subscribe", "channel": format!("alerts-{n}"), "id": "s"})).await;
         assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": "s"}));
-        let reached: i64 =
-            redis::cmd("PUBLISH").arg(format!("wsgate:ch:alerts-{n}")).arg("{}").query_async(&mut con).await.unwrap();
+        let reached: i64 = redis::cmd(redis.publish_command())
+            .arg(format!("wsgate:ch:alerts-{n}"))
+            .arg("{}")
+            .query_async(&mut con)
+            .await
+            .unwrap();
         assert_eq!(reached, 1, "alerts-{n}: subscribed in Redis before the ok");
     }
 }

@@ -7,7 +7,7 @@
 //! | `wsgate:ch:<channel>` | pub/sub channel | messages for `<channel>`: `{"id": …, "data": …}` |
 //! | `wsgate:control` | pub/sub channel | instance to instance: replacements, disconnects |
 //! | `wsgate:probe:<origin>` | pub/sub channel | an instance's liveness probe of its own subscription |
-//! | `wsgate:revoked:<user>` | string, TTL | revocation time (ms since the epoch) |
+//! | `wsgate:revocations` | sorted set | `<revoked at ms>\|<user>`, scored with when it is forgotten |
 //! | `wsgate:ip:<address>` | sorted set | live connections of a client address: leases |
 //! | `wsgate:user:<user>` | sorted set | live connections of a user: leases |
 //! | `wsgate:reconnects:<user>` | sorted set | the user's recent handshakes |
@@ -20,8 +20,9 @@ pub const PREFIX: &str = "wsgate:";
 pub const CHANNEL_PREFIX: &str = "wsgate:ch:";
 /// Instance-to-instance control messages.
 pub const CONTROL: &str = "wsgate:control";
-/// Revocations: `wsgate:revoked:<user>`.
-pub const REVOKED_PREFIX: &str = "wsgate:revoked:";
+/// Every live revocation, in one sorted set: one key, so one node of a Redis Cluster holds
+/// them all and one read loads them (no `SCAN`, which does not span a cluster's nodes).
+pub const REVOCATIONS: &str = "wsgate:revocations";
 
 /// The pub/sub channel carrying client channel `channel`.
 pub fn channel(channel: &str) -> String {
@@ -38,9 +39,15 @@ pub fn probe(origin: &str) -> String {
     format!("{PREFIX}probe:{origin}")
 }
 
-/// A user's revocation.
-pub fn revoked(user: &str) -> String {
-    format!("{REVOKED_PREFIX}{user}")
+/// A revocation's member in [`REVOCATIONS`]: `<revoked at, ms since the epoch>|<user>`.
+pub fn revocation(revoked_at_ms: u64, user: &str) -> String {
+    format!("{revoked_at_ms}|{user}")
+}
+
+/// The time and user of a revocation member.
+pub fn parse_revocation(member: &str) -> Option<(u64, &str)> {
+    let (at, user) = member.split_once('|')?;
+    Some((at.parse().ok()?, user))
 }
 
 /// Live connections of an address, grouped as the local limit groups them (IPv6 by /64).
@@ -74,6 +81,32 @@ pub fn parse_member(member: &str) -> Option<(&str, u64)> {
     Some((origin, session))
 }
 
+/// The Redis Cluster hash slot of `key` (CRC16/XMODEM mod 16384 of the key, or of its hash tag:
+/// the text between the first `{` and the next `}`, when not empty). Commands of one pipeline or
+/// one script must stay in one slot.
+pub fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter().position(|&b| b == b'}').filter(|&close| close > 0).map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16_xmodem(hashed) % 16384
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +118,25 @@ mod tests {
         assert!(older < newer);
         assert_eq!(parse_member(&newer), Some(("bb", 3)));
         assert_eq!(parse_member("junk"), None);
+    }
+
+    #[test]
+    fn revocations_parse_back_whatever_the_user_holds() {
+        assert_eq!(parse_revocation(&revocation(1_700_000_000_123, "a|b")), Some((1_700_000_000_123, "a|b")));
+        assert_eq!(parse_revocation("x|alice"), None);
+        assert_eq!(parse_revocation("alice"), None);
+    }
+
+    #[test]
+    fn slots_follow_the_redis_cluster_specification() {
+        // The specification's check value, and examples `CLUSTER KEYSLOT` gives.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"), "an empty tag hashes the whole key");
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+        assert_eq!(slot(b"foo{bar}{zap}"), slot(b"bar"));
     }
 
     #[test]

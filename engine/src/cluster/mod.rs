@@ -18,6 +18,7 @@
 //!   goes on, and the limits fall back to this instance's own counts.
 
 pub mod keys;
+pub mod link;
 mod scripts;
 pub mod wire;
 
@@ -27,7 +28,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,17 +48,18 @@ pub const WEDGED_AFTER: u32 = 3;
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How often an instance renews its connections' leases.
 pub const LEASE_REFRESH: Duration = Duration::from_secs(10);
-/// Longest wait for one Redis reply; a slower Redis counts as away.
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+pub use link::RESPONSE_TIMEOUT;
+pub use link::Topology;
+use link::{Commands, Link};
 /// Commands per pipeline when renewing leases.
 const PIPELINE_CHUNK: usize = 500;
 
 /// One instance's link to Redis.
 pub struct Cluster {
-    /// For the subscription connection, which the subscriber task builds (and rebuilds).
-    client: redis::Client,
+    /// Where Redis is; the subscriber task builds (and rebuilds) its connection from it.
+    link: Link,
     /// Commands and publishes (multiplexed, reconnecting).
-    commands: ConnectionManager,
+    commands: Commands,
     /// Names this process in Redis: its publishes, its leases, its probe channel.
     origin: String,
     /// How long a revocation lasts.
@@ -149,43 +150,22 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The URL with RESP3 asked for (pushes need it), unless it says otherwise.
-fn with_resp3(url: &str) -> String {
-    if url.contains("protocol=") {
-        url.to_string()
-    } else if url.contains('?') {
-        format!("{url}&protocol=resp3")
-    } else {
-        format!("{url}?protocol=resp3")
-    }
-}
-
-fn config() -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_number_of_retries(2)
-        .set_min_delay(Duration::from_millis(100))
-        .set_max_delay(Duration::from_secs(2))
-}
-
 impl Cluster {
-    /// A link to the Redis at `url`. Connects lazily: a Redis that is down at start is waited
-    /// for (the instance serves locally meanwhile); a malformed URL is an error.
-    pub fn new(url: &str, metrics: Arc<Metrics>, revocation_ttl: Duration) -> Result<Arc<Cluster>, String> {
-        // The URL may hold a password: errors never repeat it.
-        if url.starts_with("rediss://") {
-            return Err("--redis: TLS to Redis (rediss://) is not supported by this build".into());
-        }
-        let client = redis::Client::open(with_resp3(url).as_str())
-            .map_err(|_| "--redis is not a valid Redis URL (redis://[user:password@]host:port[/db])".to_string())?;
-        let commands = ConnectionManager::new_lazy_with_config(client.clone(), config())
-            .map_err(|e| format!("--redis: {:?}", e.kind()))?;
+    /// A link to the Redis at `url` (for a cluster, its seed nodes; see [`Link::open`]). Connects lazily: a Redis that is down at start is waited for (the
+    /// instance serves locally meanwhile); a malformed URL is an error.
+    pub fn new(
+        url: &str,
+        topology: Topology,
+        metrics: Arc<Metrics>,
+        revocation_ttl: Duration,
+    ) -> Result<Arc<Cluster>, String> {
+        let link = Link::open(url, topology)?;
+        let commands = link.commands()?;
         let (subscriptions, subscriber) = mpsc::unbounded_channel();
         metrics.redis_configured.store(1, Ordering::Relaxed);
         metrics.redis_up.store(0, Ordering::Relaxed);
         Ok(Arc::new(Cluster {
-            client,
+            link,
             commands,
             origin: random_tag(),
             revocation_ttl,
@@ -204,7 +184,7 @@ impl Cluster {
     /// end with it.
     pub fn start(&self, gw: &Arc<Gateway>) {
         let Some(rx) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-        tokio::spawn(subscriber(Arc::downgrade(gw), self.client.clone(), self.origin.clone(), rx));
+        tokio::spawn(subscriber(Arc::downgrade(gw), self.link.clone(), self.origin.clone(), rx));
         tokio::spawn(health(Arc::downgrade(gw)));
     }
 
@@ -239,7 +219,7 @@ impl Cluster {
         }
     }
 
-    fn connection(&self) -> ConnectionManager {
+    fn connection(&self) -> Commands {
         self.commands.clone()
     }
 
@@ -250,10 +230,11 @@ impl Cluster {
         }
     }
 
-    /// One `PUBLISH`; a failure marks Redis away. Returns whether Redis took it.
+    /// One `PUBLISH` (`SPUBLISH` on a cluster); a failure marks Redis away. Returns whether
+    /// Redis took it.
     async fn send(&self, channel: &str, payload: &str) -> bool {
         let published: redis::RedisResult<i64> =
-            redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut self.connection()).await;
+            redis::cmd(self.link.publish_command()).arg(channel).arg(payload).query_async(&mut self.connection()).await;
         match published {
             Ok(_) => true,
             Err(e) => {
@@ -281,17 +262,21 @@ impl Cluster {
         member: String,
     ) -> Result<Admission, ()> {
         let ip_key = keys::ip(ip);
-        let reply: redis::RedisResult<(i64, i64)> = scripts::ADMIT
-            .key(&ip_key)
-            .key(keys::reconnects(user))
-            .arg(now_ms())
-            .arg(millis(LEASE))
-            .arg(&member)
-            .arg(limits.max_per_ip)
-            .arg(limits.reconnects_max)
-            .arg(millis(limits.reconnects_per))
-            .invoke_async(&mut self.connection())
-            .await;
+        let reply = if self.link.is_sharded() {
+            self.admit_in_two_slots(&ip_key, user, limits, &member).await
+        } else {
+            scripts::ADMIT
+                .key(&ip_key)
+                .key(keys::reconnects(user))
+                .arg(now_ms())
+                .arg(millis(LEASE))
+                .arg(&member)
+                .arg(limits.max_per_ip)
+                .arg(limits.reconnects_max)
+                .arg(millis(limits.reconnects_per))
+                .invoke_async(&mut self.connection())
+                .await
+        };
         match reply {
             Ok((0, _)) => Ok(Admission::Admitted(self.lease(ip_key, member))),
             Ok((1, _)) => Ok(Admission::PerIp),
@@ -301,6 +286,45 @@ impl Cluster {
                 Err(())
             }
         }
+    }
+
+    /// [`scripts::ADMIT`] on a cluster, where the address's key and the user's lie in different
+    /// slots: the address is counted first, then the user's reconnects; a refusal of the second
+    /// takes the first back. Each step is atomic; between them another handshake from the same
+    /// address may see this one counted (and be refused by a slot that is then freed).
+    async fn admit_in_two_slots(
+        &self,
+        ip_key: &str,
+        user: &str,
+        limits: &ConnLimits,
+        member: &str,
+    ) -> redis::RedisResult<(i64, i64)> {
+        let mut con = self.connection();
+        let now = now_ms();
+        let full: i64 = scripts::ADMIT_IP
+            .key(ip_key)
+            .arg(now)
+            .arg(millis(LEASE))
+            .arg(member)
+            .arg(limits.max_per_ip)
+            .invoke_async(&mut con)
+            .await?;
+        if full != 0 {
+            return Ok((1, 0));
+        }
+        let wait: i64 = scripts::ADMIT_RECONNECT
+            .key(keys::reconnects(user))
+            .arg(now)
+            .arg(member)
+            .arg(limits.reconnects_max)
+            .arg(millis(limits.reconnects_per))
+            .invoke_async(&mut con)
+            .await?;
+        if wait == 0 {
+            return Ok((0, 0));
+        }
+        redis::cmd("ZREM").arg(ip_key).arg(member).query_async::<i64>(&mut con).await?;
+        Ok((2, wait))
     }
 
     /// A lease for a connection admitted while Redis was away: it is known here and is added
@@ -371,12 +395,15 @@ impl Cluster {
     pub async fn disconnect(&self, user: &str, reason: &str, revoked_at: Option<SystemTime>) -> bool {
         let revoked_at_ms = revoked_at.map(|t| t.duration_since(UNIX_EPOCH).map_or(0, millis));
         if let Some(at) = revoked_at_ms {
-            let stored: redis::RedisResult<()> = redis::cmd("SET")
-                .arg(keys::revoked(user))
-                .arg(at)
-                .arg("PX")
-                .arg(millis(self.revocation_ttl).max(1))
-                .query_async(&mut self.connection())
+            let ttl = millis(self.revocation_ttl).max(1);
+            let now = now_ms();
+            let stored: redis::RedisResult<i64> = scripts::REVOKE
+                .key(keys::REVOCATIONS)
+                .arg(now)
+                .arg(now.saturating_add(ttl))
+                .arg(keys::revocation(at, user))
+                .arg(ttl)
+                .invoke_async(&mut self.connection())
                 .await;
             if let Err(e) = stored {
                 self.mark_down(&e.to_string());
@@ -402,34 +429,45 @@ impl Cluster {
         let mut con = self.connection();
         let member = member.to_string();
         runtime.spawn(async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM").arg(&keys.ip).arg(&member).ignore();
-            if let Some(user) = &keys.user {
-                pipe.cmd("ZREM").arg(user).arg(&member).ignore();
+            // One command per key: on a cluster the two keys lie in different slots.
+            for key in std::iter::once(&keys.ip).chain(&keys.user) {
+                let _: redis::RedisResult<i64> = redis::cmd("ZREM").arg(key).arg(&member).query_async(&mut con).await;
             }
-            let _: redis::RedisResult<()> = pipe.query_async(&mut con).await;
         });
     }
 
     /// Renews (or, after Redis lost them, restores) the leases of every live connection here.
     async fn renew_leases(&self) -> redis::RedisResult<()> {
-        let entries: Vec<(Box<str>, String, Option<String>)> = self
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(m, k)| (m.clone(), k.ip.clone(), k.user.clone()))
-            .collect();
-        let lease = millis(LEASE);
-        for chunk in entries.chunks(PIPELINE_CHUNK / 4) {
-            let until = now_ms() + lease;
-            let mut pipe = redis::pipe();
-            for (member, ip, user) in chunk {
-                for key in std::iter::once(ip).chain(user) {
-                    pipe.cmd("ZADD").arg(key).arg(until).arg(&**member).ignore();
-                    pipe.cmd("PEXPIRE").arg(key).arg(lease).ignore();
-                }
+        // (pipeline group, key) → the key's members. A pipeline holds one group (on a cluster,
+        // one hash slot), so it is sent whenever the group changes or it is full.
+        let mut members: BTreeMap<(u16, String), Vec<Box<str>>> = BTreeMap::new();
+        for (member, keys) in self.leases.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for key in std::iter::once(&keys.ip).chain(&keys.user) {
+                members.entry((self.link.group(key), key.clone())).or_default().push(member.clone());
             }
+        }
+        let lease = millis(LEASE);
+        let mut pipe = redis::pipe();
+        let mut pipe_group = None;
+        for ((group, key), members) in members {
+            if pipe_group != Some(group) || pipe.len() >= PIPELINE_CHUNK {
+                if !pipe.is_empty() {
+                    pipe.query_async::<()>(&mut self.connection()).await?;
+                }
+                pipe = redis::pipe();
+                pipe_group = Some(group);
+            }
+            for chunk in members.chunks(PIPELINE_CHUNK) {
+                let until = now_ms() + lease;
+                let zadd = pipe.cmd("ZADD").arg(&key);
+                for member in chunk {
+                    zadd.arg(until).arg(&**member);
+                }
+                zadd.ignore();
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(lease).ignore();
+        }
+        if !pipe.is_empty() {
             pipe.query_async::<()>(&mut self.connection()).await?;
         }
         Ok(())
@@ -438,53 +476,38 @@ impl Cluster {
     /// Reads every revocation in Redis into `gw`'s (an instance started later, or back from an
     /// outage, honours the ones it did not hear of).
     async fn load_revocations(&self, gw: &Gateway) -> redis::RedisResult<usize> {
-        let mut con = self.connection();
-        let mut cursor: u64 = 0;
+        let now = now_ms();
+        let live: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys::REVOCATIONS)
+            .arg(now)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(&mut self.connection())
+            .await?;
         let mut loaded = 0;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", keys::REVOKED_PREFIX))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut con)
-                .await?;
-            if !found.is_empty() {
-                let mut pipe = redis::pipe();
-                for key in &found {
-                    pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
-                }
-                let values: Vec<Value> = pipe.query_async(&mut con).await?;
-                let now = SystemTime::now();
-                for (key, pair) in found.iter().zip(values.chunks(2)) {
-                    let [at, ttl] = pair else { continue };
-                    let at: Option<u64> = redis::from_redis_value_ref(at).ok().flatten();
-                    let ttl: Option<u64> =
-                        redis::from_redis_value_ref::<i64>(ttl).ok().and_then(|t| u64::try_from(t).ok());
-                    let (Some(user), Some(at), Some(ttl)) = (key.strip_prefix(keys::REVOKED_PREFIX), at, ttl) else {
-                        continue;
-                    };
-                    let at = UNIX_EPOCH + Duration::from_millis(at);
-                    gw.revocations.insert(user, at, now + Duration::from_millis(ttl));
-                    loaded += 1;
-                }
-            }
-            cursor = next;
-            if cursor == 0 {
-                return Ok(loaded);
-            }
+        for (member, forget_at) in &live {
+            let Some((at, user)) = keys::parse_revocation(member) else { continue };
+            // Scores are whole milliseconds, exact in a double.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let forget_at = UNIX_EPOCH + Duration::from_millis(*forget_at as u64);
+            gw.revocations.insert(user, UNIX_EPOCH + Duration::from_millis(at), forget_at);
+            loaded += 1;
         }
+        Ok(loaded)
     }
 
     /// Sends the probe numbered `seq`; answers how many subscribers got it.
     async fn probe(&self, seq: u64) -> redis::RedisResult<i64> {
-        redis::cmd("PUBLISH").arg(keys::probe(&self.origin)).arg(seq).query_async(&mut self.connection()).await
+        redis::cmd(self.link.publish_command())
+            .arg(keys::probe(&self.origin))
+            .arg(seq)
+            .query_async(&mut self.connection())
+            .await
     }
 
     fn on_push(&self, gw: &Gateway, push: PushInfo) {
         match push.kind {
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() else { return };
                 let Ok(channel) = std::str::from_utf8(channel) else { return };
                 if let Some(client_channel) = keys::client_channel(channel) {
@@ -541,13 +564,8 @@ pub const REPLACED: &str = "replaced by a newer connection";
 /// subscribe and the unsubscribe that follows it reach Redis in that order. Orders that queued
 /// up meanwhile are sent together: a run of subscribes is one `SUBSCRIBE` with every channel
 /// (2,000 clients connecting at once cost a few round trips, not 2,000).
-async fn subscriber(
-    gw: Weak<Gateway>,
-    client: redis::Client,
-    origin: String,
-    mut orders: mpsc::UnboundedReceiver<Subscription>,
-) {
-    let mut connection: Option<ConnectionManager> = None;
+async fn subscriber(gw: Weak<Gateway>, link: Link, origin: String, mut orders: mpsc::UnboundedReceiver<Subscription>) {
+    let mut connection: Option<link::Subscriber> = None;
     let mut batch = Vec::new();
     while orders.recv_many(&mut batch, BATCH).await > 0 {
         let Some(gateway) = gw.upgrade() else { return };
@@ -556,7 +574,7 @@ async fn subscriber(
         while let Some(order) = orders.next() {
             if connection.is_none() || matches!(order, Subscription::Rebuild(_)) {
                 connection = None; // the old one closes
-                match subscription_connection(&client, &gw) {
+                match subscription_connection(&link, &gw) {
                     Ok(c) => connection = Some(c),
                     Err(e) => {
                         cluster.mark_down(&e.to_string());
@@ -621,19 +639,16 @@ fn run_of(
 /// Most orders the subscriber takes at once.
 const BATCH: usize = 1024;
 
-/// A subscription connection whose pushes go to `gw`'s cluster. RESP3, resubscribing by itself
-/// after a reconnect.
-fn subscription_connection(client: &redis::Client, gw: &Weak<Gateway>) -> redis::RedisResult<ConnectionManager> {
+/// A subscription connection whose pushes go to `gw`'s cluster.
+fn subscription_connection(link: &Link, gw: &Weak<Gateway>) -> redis::RedisResult<link::Subscriber> {
     let handler = gw.clone();
-    let config = config().set_automatic_resubscription().set_push_sender(move |push: PushInfo| {
+    link.subscriber(move |push: PushInfo| {
         if let Some(gw) = handler.upgrade()
             && let Some(cluster) = &gw.cluster
         {
             cluster.on_push(&gw, push);
         }
-        Ok::<(), std::convert::Infallible>(())
-    });
-    ConnectionManager::new_lazy_with_config(client.clone(), config)
+    })
 }
 
 /// The health loop: probes Redis and the subscription every [`PROBE_INTERVAL`], marks the
@@ -755,17 +770,5 @@ impl Backplane for RedisBackplane {
             Subscription::Unsubscribe(channel.to_string())
         };
         let _ = self.cluster.subscriptions.send(order);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resp3_is_asked_for_unless_the_url_says() {
-        assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
-        assert_eq!(with_resp3("redis://h:1/0?x=1"), "redis://h:1/0?x=1&protocol=resp3");
-        assert_eq!(with_resp3("redis://h/?protocol=resp3"), "redis://h/?protocol=resp3");
     }
 }

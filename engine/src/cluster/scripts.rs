@@ -46,6 +46,71 @@ return {0, 0}
     )
 });
 
+/// The address half of [`ADMIT`], for a Redis Cluster (where the two keys lie in different
+/// slots).
+///
+/// KEYS: `wsgate:ip:<addr>`. ARGV: now, lease, member, max_per_ip.
+/// Returns 0 admitted (the lease is recorded) or 1 the address is at its limit.
+pub static ADMIT_IP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local now = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 1
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], lease)
+return 0
+",
+    )
+});
+
+/// The reconnect-window half of [`ADMIT`], for a Redis Cluster.
+///
+/// KEYS: `wsgate:reconnects:<user>`. ARGV: now, member, reconnects max, window (ms).
+/// Returns 0 admitted (the handshake is recorded) or the wait in ms until a slot frees.
+pub static ADMIT_RECONNECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local now = tonumber(ARGV[1])
+local max = tonumber(ARGV[3])
+local per = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - per)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= max then
+  if n == 0 then
+    return math.max(per, 1)
+  end
+  local freeing = redis.call('ZRANGE', KEYS[1], n - math.max(max, 1), n - math.max(max, 1), 'WITHSCORES')
+  return math.max(tonumber(freeing[2]) + per - now, 1)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], per)
+return 0
+",
+    )
+});
+
+/// Records a revocation and forgets the lapsed ones.
+///
+/// KEYS: `wsgate:revocations`. ARGV: now, forget at (ms since the epoch), member
+/// (`<revoked at>|<user>`), ttl (ms). The key lives as long as its longest revocation.
+pub static REVOKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]))
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[3])
+local ttl = tonumber(ARGV[4])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+",
+    )
+});
+
 /// Registers a live connection of a user; the oldest beyond the user's maximum are displaced.
 ///
 /// KEYS: `wsgate:user:<user>`. ARGV: now, lease, member, max_per_user.
