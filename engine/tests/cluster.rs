@@ -42,11 +42,12 @@ against!(disconnect_and_revocation_reach_every_instance_and_one_started_later: s
 against!(per_ip_and_reconnect_limits_count_every_instance: server, cluster);
 against!(a_crashed_instances_connections_stop_counting_when_their_leases_lapse: server, cluster);
 against!(a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself: server, cluster);
-against!(a_killed_subscription_is_noticed_and_restored: server);
+against!(a_killed_subscription_is_noticed_and_restored: server, cluster);
 against!(a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt: server);
 against!(a_confirmed_subscription_is_in_effect_in_redis: server, cluster);
 against!(an_instance_started_while_redis_is_down_waits_for_it: server, cluster);
 against!(slots_are_the_clusters_own: cluster);
+against!(the_probe_checks_every_node_and_follows_a_moved_slot: cluster);
 
 const ADMIN: &str = "cluster-admin-token";
 
@@ -372,9 +373,9 @@ async fn a_killed_subscription_is_noticed_and_restored(redis: TestRedis) {
     let _alice = connect(&a, &token("alice", HOUR, &[])).await;
     let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
     eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
-    let mut con = redis.connection().await;
-    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut con).await.unwrap();
-    assert_eq!(killed, 2);
+    let killed = redis.kill_subscriptions().await;
+    // One per instance, and on a cluster one per instance and node (each probes every node).
+    assert_eq!(killed, 2 * redis.nodes().len() as i64);
     eventually("the subscriptions are back", Duration::from_secs(10), || async {
         listeners(&redis, "alerts").await == 2 && up(&a) && up(&b)
     })
@@ -435,4 +436,64 @@ async fn a_confirmed_subscription_is_in_effect_in_redis(redis: TestRedis) {
             .unwrap();
         assert_eq!(reached, 1, "alerts-{n}: subscribed in Redis before the ok");
     }
+}
+
+/// This instance's probe channels on each node.
+async fn probe_channels_per_node(redis: &TestRedis, gw: &Gateway) -> Vec<Vec<String>> {
+    let pattern = format!("wsgate:probe:{}:*", gw.cluster.as_ref().unwrap().origin());
+    let mut per_node = Vec::new();
+    for node in redis.nodes() {
+        let mut con = node.connection().await.unwrap();
+        let channels: Vec<String> =
+            redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg(&pattern).query_async(&mut con).await.unwrap();
+        per_node.push(channels);
+    }
+    per_node
+}
+
+/// On a cluster the subscription is one connection per node, so the probe has one channel per
+/// primary. When a probe channel's slot moves to another node (as in a resharding or a
+/// failover), the probe fails there, the slot map is read again and the probe follows.
+async fn the_probe_checks_every_node_and_follows_a_moved_slot(redis: TestRedis) {
+    let a = instance(&redis, "a", same).await;
+    let b = instance(&redis, "b", same).await;
+    eventually("one probe channel on every node", Duration::from_secs(15), || async {
+        probe_channels_per_node(&redis, &a).await.iter().all(|c| c.len() == 1)
+    })
+    .await;
+
+    // Move the slot of the first node's probe channel to the second node.
+    let channel = probe_channels_per_node(&redis, &a).await[0][0].clone();
+    let slot = wsgate::cluster::keys::slot(channel.as_bytes());
+    let nodes = redis.nodes();
+    let mut ids = Vec::new();
+    for node in nodes {
+        let mut con = node.connection().await.unwrap();
+        ids.push(redis::cmd("CLUSTER").arg("MYID").query_async::<String>(&mut con).await.unwrap());
+    }
+    let mut from = nodes[0].connection().await.unwrap();
+    let mut to = nodes[1].connection().await.unwrap();
+    let keys: i64 = redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(slot).query_async(&mut from).await.unwrap();
+    assert_eq!(keys, 0, "the probe's slot holds no keys to migrate");
+    let setslot = |state: &str, id: &str| redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id).clone();
+    let _: () = setslot("IMPORTING", &ids[0]).query_async(&mut to).await.unwrap();
+    let _: () = setslot("MIGRATING", &ids[1]).query_async(&mut from).await.unwrap();
+    for node in nodes {
+        let mut con = node.connection().await.unwrap();
+        let _: () = setslot("NODE", &ids[1]).query_async(&mut con).await.unwrap();
+    }
+
+    eventually(
+        "the probe follows: again one channel per node, none on a moved slot",
+        Duration::from_secs(20),
+        || async {
+            let per_node = probe_channels_per_node(&redis, &a).await;
+            per_node.iter().all(|c| c.len() == 1) && !per_node[0].contains(&channel) && up(&a)
+        },
+    )
+    .await;
+    let mut on_b = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("b listens", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 1 }).await;
+    let id = publish(&a, "alerts", json!("after the move")).await;
+    assert_eq!(next_json(&mut on_b).await["id"], id.as_str());
 }

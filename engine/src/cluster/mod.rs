@@ -19,6 +19,7 @@
 
 pub mod keys;
 pub mod link;
+mod probe;
 mod scripts;
 pub mod wire;
 
@@ -41,6 +42,9 @@ use wire::{Control, Dropped};
 
 /// How often the instance probes Redis and its own subscription.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// On a Redis Cluster, how many probes pass between readings of the slot map (which choose the
+/// probe channels, one per primary); a failed probe reads it again at once.
+pub const PROBE_TOPOLOGY_EVERY: u64 = 10;
 /// Probes in a row that may go missing before the subscription connection is rebuilt.
 pub const WEDGED_AFTER: u32 = 3;
 /// How long a connection's lease lasts unless renewed: a crashed instance's connections stop
@@ -69,8 +73,8 @@ pub struct Cluster {
     up: AtomicBool,
     /// Whether the current outage has been logged (once per episode).
     outage_logged: AtomicBool,
-    /// The last probe seen on the subscription.
-    probes_seen: AtomicU64,
+    /// The probe's channels, and the last probe each delivered.
+    probes: probe::Probes,
     /// Malformed payloads dropped (logged at powers of two).
     malformed: AtomicU64,
     /// Orders for the subscriber task.
@@ -89,7 +93,9 @@ impl std::fmt::Debug for Cluster {
 
 /// What the subscriber task does next.
 enum Subscription {
+    /// A Redis channel to subscribe to.
     Subscribe(String),
+    /// A Redis channel to leave.
     Unsubscribe(String),
     /// Subscribe to everything this instance needs (after a start or an outage).
     Resync(oneshot::Sender<bool>),
@@ -162,17 +168,18 @@ impl Cluster {
         let link = Link::open(url, topology)?;
         let commands = link.commands()?;
         let (subscriptions, subscriber) = mpsc::unbounded_channel();
+        let origin = random_tag();
         metrics.redis_configured.store(1, Ordering::Relaxed);
         metrics.redis_up.store(0, Ordering::Relaxed);
         Ok(Arc::new(Cluster {
             link,
             commands,
-            origin: random_tag(),
             revocation_ttl,
             metrics,
             up: AtomicBool::new(false),
             outage_logged: AtomicBool::new(false),
-            probes_seen: AtomicU64::new(0),
+            probes: probe::Probes::new(&origin),
+            origin,
             malformed: AtomicU64::new(0),
             subscriptions,
             subscriber: Mutex::new(Some(subscriber)),
@@ -184,7 +191,7 @@ impl Cluster {
     /// end with it.
     pub fn start(&self, gw: &Arc<Gateway>) {
         let Some(rx) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-        tokio::spawn(subscriber(Arc::downgrade(gw), self.link.clone(), self.origin.clone(), rx));
+        tokio::spawn(subscriber(Arc::downgrade(gw), self.link.clone(), rx));
         tokio::spawn(health(Arc::downgrade(gw)));
     }
 
@@ -496,13 +503,39 @@ impl Cluster {
         Ok(loaded)
     }
 
-    /// Sends the probe numbered `seq`; answers how many subscribers got it.
+    /// Sends the probe numbered `seq` on every probe channel; answers the fewest subscribers
+    /// any of them reached.
     async fn probe(&self, seq: u64) -> redis::RedisResult<i64> {
-        redis::cmd(self.link.publish_command())
-            .arg(keys::probe(&self.origin))
-            .arg(seq)
-            .query_async(&mut self.connection())
-            .await
+        let mut fewest = i64::MAX;
+        for channel in self.probes.channels() {
+            let reached: i64 = redis::cmd(self.link.publish_command())
+                .arg(&channel)
+                .arg(seq)
+                .query_async(&mut self.connection())
+                .await?;
+            fewest = fewest.min(reached);
+        }
+        Ok(fewest)
+    }
+
+    /// On a cluster, reads the slot map and probes one channel per primary from now on; the
+    /// new channels are subscribed to before this returns. Whether the channels changed.
+    async fn refresh_probes(&self) -> bool {
+        if !self.link.is_sharded() {
+            return false;
+        }
+        let slots: redis::RedisResult<Value> =
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut self.connection()).await;
+        let Some(slots) = slots.ok().as_ref().and_then(probe::parse_cluster_slots) else { return false };
+        let Some((new, gone)) = self.probes.replace(probe::per_primary(&self.origin, &slots)) else { return false };
+        for channel in new {
+            let _ = self.subscriptions.send(Subscription::Subscribe(channel));
+        }
+        for channel in gone {
+            let _ = self.subscriptions.send(Subscription::Unsubscribe(channel));
+        }
+        self.ask(Subscription::Barrier, RESPONSE_TIMEOUT * 2).await;
+        true
     }
 
     fn on_push(&self, gw: &Gateway, push: PushInfo) {
@@ -525,10 +558,10 @@ impl Cluster {
                     }
                 } else if channel == keys::CONTROL {
                     self.on_control(gw, payload);
-                } else if channel == keys::probe(&self.origin)
+                } else if self.probes.owns(channel)
                     && let Some(seq) = std::str::from_utf8(payload).ok().and_then(|s| s.parse().ok())
                 {
-                    self.probes_seen.fetch_max(seq, Ordering::Relaxed);
+                    self.probes.saw(channel, seq);
                 }
             }
             PushKind::Disconnection => self.mark_down("the subscription connection to Redis was lost"),
@@ -564,7 +597,7 @@ pub const REPLACED: &str = "replaced by a newer connection";
 /// subscribe and the unsubscribe that follows it reach Redis in that order. Orders that queued
 /// up meanwhile are sent together: a run of subscribes is one `SUBSCRIBE` with every channel
 /// (2,000 clients connecting at once cost a few round trips, not 2,000).
-async fn subscriber(gw: Weak<Gateway>, link: Link, origin: String, mut orders: mpsc::UnboundedReceiver<Subscription>) {
+async fn subscriber(gw: Weak<Gateway>, link: Link, mut orders: mpsc::UnboundedReceiver<Subscription>) {
     let mut connection: Option<link::Subscriber> = None;
     let mut batch = Vec::new();
     while orders.recv_many(&mut batch, BATCH).await > 0 {
@@ -605,7 +638,8 @@ async fn subscriber(gw: Weak<Gateway>, link: Link, origin: String, mut orders: m
                 }
                 Subscription::Barrier(done) => (Ok(()), Some(done)),
                 Subscription::Resync(done) | Subscription::Rebuild(done) => {
-                    let mut channels = vec![keys::CONTROL.to_string(), keys::probe(&origin)];
+                    let mut channels = vec![keys::CONTROL.to_string()];
+                    channels.extend(cluster.probes.channels());
                     channels.extend(gateway.hub.channels().iter().map(|c| keys::channel(c)));
                     (con.subscribe(channels).await, Some(done))
                 }
@@ -628,9 +662,9 @@ fn run_of(
     orders: &mut std::iter::Peekable<impl Iterator<Item = Subscription>>,
     same: impl Fn(&Subscription) -> Option<&String>,
 ) -> Vec<String> {
-    let mut channels = vec![keys::channel(&first)];
+    let mut channels = vec![first];
     while let Some(next) = orders.peek().and_then(&same) {
-        channels.push(keys::channel(next));
+        channels.push(next.clone());
         orders.next();
     }
     channels
@@ -669,6 +703,9 @@ async fn health(gw: Weak<Gateway>) {
         every.tick().await;
         let Some(gw) = gw.upgrade() else { return };
         let Some(cluster) = gw.cluster.clone() else { return };
+        if (seq.is_multiple_of(PROBE_TOPOLOGY_EVERY) || missing > 0) && cluster.refresh_probes().await {
+            last_sent = None; // the new channels have not carried the last probe
+        }
         seq += 1;
         let verdict = match cluster.probe(seq).await {
             Err(e) => {
@@ -677,7 +714,7 @@ async fn health(gw: Weak<Gateway>) {
             }
             Ok(receivers) => {
                 // The previous probe had a whole interval to come back.
-                let came_back = last_sent.is_none_or(|sent| cluster.probes_seen.load(Ordering::Relaxed) >= sent);
+                let came_back = last_sent.is_none_or(|sent| cluster.probes.all_back(sent));
                 last_sent = Some(seq);
                 if receivers > 0 && came_back {
                     Ok(())
@@ -765,9 +802,9 @@ impl Backplane for RedisBackplane {
 
     fn interest(&self, channel: &str, subscribed: bool) {
         let order = if subscribed {
-            Subscription::Subscribe(channel.to_string())
+            Subscription::Subscribe(keys::channel(channel))
         } else {
-            Subscription::Unsubscribe(channel.to_string())
+            Subscription::Unsubscribe(keys::channel(channel))
         };
         let _ = self.cluster.subscriptions.send(order);
     }

@@ -207,18 +207,37 @@ impl TestRedis {
     /// Subscriptions to a Redis channel, over every node (on a cluster, sharded ones: only the
     /// node owning the channel's slot has any).
     pub async fn subscribers(&self, channel: &str) -> i64 {
-        let (nodes, numsub) = match self {
-            TestRedis::Server(s) => (std::slice::from_ref(s), "NUMSUB"),
-            TestRedis::Cluster(c) => (&c.nodes[..], "SHARDNUMSUB"),
+        let numsub = match self {
+            TestRedis::Server(_) => "NUMSUB",
+            TestRedis::Cluster(_) => "SHARDNUMSUB",
         };
         let mut total = 0;
-        for node in nodes {
+        for node in self.nodes() {
             let mut con = node.connection().await.unwrap();
             let (_, n): (String, i64) =
                 redis::cmd("PUBSUB").arg(numsub).arg(channel).query_async(&mut con).await.unwrap();
             total += n;
         }
         total
+    }
+
+    /// Every node (one for a server).
+    pub fn nodes(&self) -> &[RedisServer] {
+        match self {
+            TestRedis::Server(s) => std::slice::from_ref(s),
+            TestRedis::Cluster(c) => &c.nodes,
+        }
+    }
+
+    /// Kills every pub/sub connection on every node; answers how many.
+    pub async fn kill_subscriptions(&self) -> i64 {
+        let mut killed = 0;
+        for node in self.nodes() {
+            let mut con = node.connection().await.unwrap();
+            killed +=
+                redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async::<i64>(&mut con).await.unwrap();
+        }
+        killed
     }
 
     pub async fn stop(&mut self) {
