@@ -14,6 +14,7 @@ mod http;
 mod matching;
 mod memory;
 mod policy_dir;
+mod redis_cluster;
 mod redis_server;
 mod reload_latency;
 mod report;

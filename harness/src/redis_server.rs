@@ -67,26 +67,57 @@ pub struct RedisServer {
     process: Process,
     /// Shared with the scenario, so its output is redacted and leak-checked like the servers'.
     redactor: Arc<Redactor>,
+    /// A node of a Redis Cluster (`--cluster-enabled yes`, its bus on `port + 10000`).
+    cluster_node: bool,
 }
 
 impl RedisServer {
     /// Starts `bin` on a free loopback port and waits until it answers there, within
     /// `ready_timeout`.
     pub async fn start(bin: &Path, redactor: Arc<Redactor>, ready_timeout: Duration) -> Result<Self, String> {
+        Self::start_as(bin, redactor, ready_timeout, false).await
+    }
+
+    /// Starts a node for a Redis Cluster (see [`crate::redis_cluster`]): on a free port whose
+    /// cluster bus port (+10000) is free too.
+    pub async fn start_cluster_node(
+        bin: &Path,
+        redactor: Arc<Redactor>,
+        ready_timeout: Duration,
+    ) -> Result<Self, String> {
+        Self::start_as(bin, redactor, ready_timeout, true).await
+    }
+
+    async fn start_as(
+        bin: &Path,
+        redactor: Arc<Redactor>,
+        ready_timeout: Duration,
+        cluster_node: bool,
+    ) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("wsgate-redis-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory for Redis: {e}"))?;
         let mut last = String::new();
-        for _ in 0..PORT_ATTEMPTS {
+        // About a fifth of the ephemeral ports have no room for a bus port above them.
+        let attempts = if cluster_node { 4 * PORT_ATTEMPTS } else { PORT_ATTEMPTS };
+        for _ in 0..attempts {
             let port = free_port()?;
-            match launch(bin, port, dir.path(), &redactor, ready_timeout).await {
-                Ok(process) => return Ok(RedisServer { bin: bin.to_path_buf(), port, dir, process, redactor }),
+            if cluster_node
+                && (port >= 55_000 || std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10_000)).is_err())
+            {
+                last = format!("the cluster bus port of {port} is not free");
+                continue;
+            }
+            match launch(bin, port, dir.path(), &redactor, ready_timeout, cluster_node).await {
+                Ok(process) => {
+                    return Ok(RedisServer { bin: bin.to_path_buf(), port, dir, process, redactor, cluster_node });
+                }
                 Err(LaunchError::PortTaken(why)) => last = why,
                 Err(LaunchError::Failed(why)) => return Err(why),
             }
         }
-        Err(format!("could not start Redis on a free port in {PORT_ATTEMPTS} attempts; the last: {last}"))
+        Err(format!("could not start Redis on a free port in {attempts} attempts; the last: {last}"))
     }
 
     /// Where it listens.
@@ -129,7 +160,7 @@ impl RedisServer {
         if self.is_running() {
             return Err(format!("redis-server is still running on port {}", self.port));
         }
-        match launch(&self.bin, self.port, self.dir.path(), &self.redactor, ready_timeout).await {
+        match launch(&self.bin, self.port, self.dir.path(), &self.redactor, ready_timeout, self.cluster_node).await {
             Ok(process) => {
                 self.process = process;
                 Ok(())
@@ -154,6 +185,7 @@ async fn launch(
     dir: &Path,
     redactor: &Arc<Redactor>,
     ready_timeout: Duration,
+    cluster_node: bool,
 ) -> Result<Process, LaunchError> {
     let mut command = Command::new(bin);
     command
@@ -164,6 +196,18 @@ async fn launch(
         .arg(dir)
         // The log goes to stdout, where the supervisor captures it for failure reports.
         .args(["--logfile", "", "--daemonize", "no", "--protected-mode", "yes"]);
+    if cluster_node {
+        // Its slot map goes to `nodes.conf` in its private directory, so a restart on the same
+        // port rejoins the same cluster.
+        command.args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ]);
+    }
     let label = format!("redis-server on port {port}");
     let mut process = Process::spawn(&label, command, Arc::clone(redactor)).map_err(LaunchError::Failed)?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));

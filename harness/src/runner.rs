@@ -18,8 +18,8 @@ use crate::duration::Dur;
 use crate::http::{self, HttpError, HttpRequest, HttpResponse};
 use crate::matching::{Saved, brief, clip, matches, matches_saving};
 use crate::policy_dir::{PolicyDir, deep_merge};
+use crate::redis_cluster::{Redis, RedisCluster};
 use crate::redis_server::{self, RedisServer};
-use crate::resp;
 use crate::scenario::*;
 use crate::supervisor::{Credentials, Redactor, WsgateOptions, WsgateServer, describe_exit};
 use crate::tls::{self, ServerTls};
@@ -34,6 +34,8 @@ const LOG_TAIL: usize = 25;
 const REDIS_LOG_TAIL: usize = 10;
 /// How long Redis may take to start with the scenario.
 const REDIS_READY: Duration = Duration::from_secs(10);
+/// How long a three-node Redis Cluster may take to form.
+const REDIS_CLUSTER_READY: Duration = Duration::from_secs(30);
 
 /// What every scenario run needs to know.
 #[derive(Debug, Clone)]
@@ -77,7 +79,7 @@ struct Ctx<'a> {
     /// The scenario's `signing_keys`, by name.
     signing_keys: HashMap<String, SigningKey>,
     /// With `redis: true`: the scenario's Redis.
-    redis: Option<RedisServer>,
+    redis: Option<Redis>,
     /// Whether a `stop_redis` step took Redis down (so a report does not call that a crash).
     redis_stopped: bool,
     /// Values saved by `save_id` and `$save:NAME`, for `$saved:NAME`.
@@ -128,7 +130,7 @@ pub async fn run(scenario: &Scenario, cfg: &RunConfig) -> Result<(), String> {
     }
     // Redis last, so the servers never see it go away while they shut down.
     if let Some(redis) = &mut ctx.redis {
-        let _ = redis.stop(Duration::from_secs(5)).await;
+        redis.stop(Duration::from_secs(5)).await;
     }
     report?;
     // Checked after the stop, so what the servers print while shutting down counts too.
@@ -184,7 +186,12 @@ impl Ctx<'_> {
         if scenario.redis {
             let bin =
                 redis_server::find_redis_server().map_err(|e| format!("the scenario has `redis: true`, but {e}"))?;
-            self.redis = Some(RedisServer::start(&bin, Arc::clone(&self.redactor), REDIS_READY).await?);
+            let redactor = Arc::clone(&self.redactor);
+            self.redis = Some(if scenario.redis_cluster {
+                Redis::Cluster(RedisCluster::start(&bin, redactor, REDIS_CLUSTER_READY).await?)
+            } else {
+                Redis::Server(Box::new(RedisServer::start(&bin, redactor, REDIS_READY).await?))
+            });
         }
         for (name, spec) in &scenario.servers {
             if spec.starts_with_the_scenario() {
@@ -218,8 +225,7 @@ impl Ctx<'_> {
         if spec.uses_redis(scenario_redis)
             && let Some(redis) = &self.redis
         {
-            args.push("--redis".into());
-            args.push(redis.url());
+            args.extend(redis.args());
         }
         let opts = WsgateOptions {
             bin: &self.cfg.bin,
@@ -269,15 +275,22 @@ impl Ctx<'_> {
         if let Some(redis) = &mut self.redis {
             if show_exit
                 && !self.redis_stopped
-                && let Some(status) = redis.exit_status()
+                && let Some((port, status)) = redis.exited()
             {
-                out.push_str(&format!("\n  redis-server is no longer running ({})", describe_exit(status)));
+                out.push_str(&format!(
+                    "\n  redis-server on port {port} is no longer running ({})",
+                    describe_exit(status)
+                ));
             }
-            let tail = redis.log().tail(REDIS_LOG_TAIL);
-            out.push_str(&format!("\n  last {} lines of redis-server:", tail.len()));
-            for line in tail {
-                out.push_str("\n    ");
-                out.push_str(&clip(&line, 500));
+            let several = redis.nodes_mut().len() > 1;
+            for node in redis.nodes_mut() {
+                let tail = node.log().tail(REDIS_LOG_TAIL);
+                let which = if several { format!(" on port {}", node.addr().port()) } else { String::new() };
+                out.push_str(&format!("\n  last {} lines of redis-server{which}:", tail.len()));
+                for line in tail {
+                    out.push_str("\n    ");
+                    out.push_str(&clip(&line, 500));
+                }
             }
         }
         self.redactor.redact(&out)
@@ -355,17 +368,16 @@ impl Ctx<'_> {
         }
     }
 
-    fn redis_mut(&mut self) -> Result<&mut RedisServer, String> {
+    fn redis_mut(&mut self) -> Result<&mut Redis, String> {
         self.redis.as_mut().ok_or_else(|| "the scenario has no Redis (`redis: true`)".to_string())
     }
 
     async fn redis_publish(&mut self, s: &RedisPublishStep) -> Result<(), String> {
-        let addr = self.redis_mut()?.addr();
         let payload = match &s.payload {
             Value::String(text) => text.clone(),
             other => other.to_string(),
         };
-        let receivers = resp::publish(addr, &s.channel, payload.as_bytes(), DEFAULT_WITHIN.0).await?;
+        let receivers = self.redis_mut()?.publish(&s.channel, payload.as_bytes(), DEFAULT_WITHIN.0).await?;
         match s.expect_receivers {
             Some(want) if want != receivers => Err(format!(
                 "expected PUBLISH {} to reach {want} Redis subscriber(s), it reached {receivers}",

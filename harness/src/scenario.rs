@@ -52,6 +52,10 @@ pub struct Scenario {
     /// `--redis` to it, unless the server says `redis: false`.
     #[serde(default)]
     pub redis: bool,
+    /// With `redis: true`: the Redis is a Redis Cluster of three nodes, and servers get
+    /// `--redis <seed nodes> --redis-cluster` (sharded pub/sub).
+    #[serde(default)]
+    pub redis_cluster: bool,
     /// What to do, in order.
     pub steps: Vec<Step>,
 }
@@ -771,6 +775,9 @@ impl Scenario {
                 ));
             }
         }
+        if self.redis_cluster && !self.redis {
+            return Err("`redis_cluster: true` needs `redis: true`".into());
+        }
         if self.steps.is_empty() {
             return Err("a scenario needs at least one step".into());
         }
@@ -1252,6 +1259,14 @@ steps:
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn a_redis_cluster_needs_redis() {
+        let s = parse("redis: true\nredis_cluster: true\nsteps:\n  - connect: {user: alice}\n").unwrap();
+        assert!(s.redis && s.redis_cluster);
+        let e = parse("redis_cluster: true\nsteps:\n  - connect: {user: alice}\n").unwrap_err();
+        assert!(e.contains("`redis_cluster: true` needs `redis: true`"), "{e}");
     }
 
     #[test]

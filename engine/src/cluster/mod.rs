@@ -222,7 +222,8 @@ impl Cluster {
         if self.outage_logged.swap(false, Ordering::Relaxed) {
             tracing::info!("Redis available again: resubscribed, leases and revocations restored");
         } else if !was_up {
-            tracing::info!("connected to Redis");
+            let topology = if self.link.is_sharded() { "cluster" } else { "server" };
+            tracing::info!(topology, "connected to Redis");
         }
     }
 
