@@ -464,24 +464,7 @@ async fn the_probe_checks_every_node_and_follows_a_moved_slot(redis: TestRedis) 
 
     // Move the slot of the first node's probe channel to the second node.
     let channel = probe_channels_per_node(&redis, &a).await[0][0].clone();
-    let slot = wsgate::cluster::keys::slot(channel.as_bytes());
-    let nodes = redis.nodes();
-    let mut ids = Vec::new();
-    for node in nodes {
-        let mut con = node.connection().await.unwrap();
-        ids.push(redis::cmd("CLUSTER").arg("MYID").query_async::<String>(&mut con).await.unwrap());
-    }
-    let mut from = nodes[0].connection().await.unwrap();
-    let mut to = nodes[1].connection().await.unwrap();
-    let keys: i64 = redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(slot).query_async(&mut from).await.unwrap();
-    assert_eq!(keys, 0, "the probe's slot holds no keys to migrate");
-    let setslot = |state: &str, id: &str| redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id).clone();
-    let _: () = setslot("IMPORTING", &ids[0]).query_async(&mut to).await.unwrap();
-    let _: () = setslot("MIGRATING", &ids[1]).query_async(&mut from).await.unwrap();
-    for node in nodes {
-        let mut con = node.connection().await.unwrap();
-        let _: () = setslot("NODE", &ids[1]).query_async(&mut con).await.unwrap();
-    }
+    move_slot(&redis, wsgate::cluster::keys::slot(channel.as_bytes()), 0, 1).await;
 
     eventually(
         "the probe follows: again one channel per node, none on a moved slot",
@@ -496,4 +479,49 @@ async fn the_probe_checks_every_node_and_follows_a_moved_slot(redis: TestRedis) 
     eventually("b listens", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 1 }).await;
     let id = publish(&a, "alerts", json!("after the move")).await;
     assert_eq!(next_json(&mut on_b).await["id"], id.as_str());
+
+    // A client channel's slot moves: the subscription moves with it.
+    let holder = node_with_subscribers(&redis, "wsgate:ch:alerts").await;
+    move_slot(&redis, wsgate::cluster::keys::slot(b"wsgate:ch:alerts"), holder, (holder + 1) % 3).await;
+    eventually("b's subscription to alerts is on the slot's new node", Duration::from_secs(20), || async {
+        node_with_subscribers(&redis, "wsgate:ch:alerts").await == (holder + 1) % 3
+    })
+    .await;
+    let id = publish(&a, "alerts", json!("after the channel moved")).await;
+    let m = tokio::time::timeout(Duration::from_secs(5), next_json(&mut on_b)).await.expect("delivered after the move");
+    assert_eq!(m["id"], id.as_str());
+}
+
+/// The node holding the (sharded) subscriptions to `channel`.
+async fn node_with_subscribers(redis: &TestRedis, channel: &str) -> usize {
+    for (i, node) in redis.nodes().iter().enumerate() {
+        let mut con = node.connection().await.unwrap();
+        let (_, n): (String, i64) =
+            redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(channel).query_async(&mut con).await.unwrap();
+        if n > 0 {
+            return i;
+        }
+    }
+    usize::MAX
+}
+
+/// Moves an empty `slot` from node `from` to node `to`, as a resharding does.
+async fn move_slot(redis: &TestRedis, slot: u16, from: usize, to: usize) {
+    let nodes = redis.nodes();
+    let mut ids = Vec::new();
+    for node in nodes {
+        let mut con = node.connection().await.unwrap();
+        ids.push(redis::cmd("CLUSTER").arg("MYID").query_async::<String>(&mut con).await.unwrap());
+    }
+    let mut source = nodes[from].connection().await.unwrap();
+    let mut target = nodes[to].connection().await.unwrap();
+    let keys: i64 = redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(slot).query_async(&mut source).await.unwrap();
+    assert_eq!(keys, 0, "slot {slot} holds no keys to migrate");
+    let setslot = |state: &str, id: &str| redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id).clone();
+    let _: () = setslot("IMPORTING", &ids[from]).query_async(&mut target).await.unwrap();
+    let _: () = setslot("MIGRATING", &ids[to]).query_async(&mut source).await.unwrap();
+    for node in nodes {
+        let mut con = node.connection().await.unwrap();
+        let _: () = setslot("NODE", &ids[to]).query_async(&mut con).await.unwrap();
+    }
 }

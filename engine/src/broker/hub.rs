@@ -197,6 +197,11 @@ impl Hub {
         fanout
     }
 
+    /// Whether `channel` has a local subscriber.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).contains_key(channel)
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channels(&self) -> HashSet<String> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|c| c.to_string()).collect()

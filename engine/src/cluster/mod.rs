@@ -565,6 +565,20 @@ impl Cluster {
                     self.probes.saw(channel, seq);
                 }
             }
+            PushKind::SUnsubscribe => {
+                // A Redis Cluster drops the sharded subscriptions of a slot that moved to another
+                // node (a resharding, a failover). The ones still wanted are made again, on the
+                // slot's new owner.
+                let [Value::BulkString(channel), ..] = push.data.as_slice() else { return };
+                let Ok(channel) = std::str::from_utf8(channel) else { return };
+                let wanted = match keys::client_channel(channel) {
+                    Some(client_channel) => gw.hub.has_subscribers(client_channel),
+                    None => channel == keys::CONTROL || self.probes.channels().iter().any(|c| c == channel),
+                };
+                if wanted {
+                    let _ = self.subscriptions.send(Subscription::Subscribe(channel.to_string()));
+                }
+            }
             PushKind::Disconnection => self.mark_down("the subscription connection to Redis was lost"),
             _ => {}
         }
