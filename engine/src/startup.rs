@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use tokio::net::TcpListener;
 
@@ -42,7 +43,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_REDIS_URL")]
     pub redis: Option<String>,
     /// --redis names a Redis Cluster: sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7).
-    #[arg(long, env = "WSGATE_REDIS_CLUSTER", requires = "redis")]
+    #[arg(long, env = "WSGATE_REDIS_CLUSTER", requires = "redis", value_parser = BoolishValueParser::new())]
     pub redis_cluster: bool,
     /// This instance's id (default: host name and process id).
     #[arg(long, env = "WSGATE_INSTANCE_ID")]
@@ -57,7 +58,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dev: bool,
     /// Serve plaintext on a non-loopback address (tokens then cross the network in clear).
-    #[arg(long, env = "WSGATE_ALLOW_PLAINTEXT")]
+    #[arg(long, env = "WSGATE_ALLOW_PLAINTEXT", value_parser = BoolishValueParser::new())]
     pub allow_plaintext: bool,
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
@@ -71,7 +72,7 @@ pub struct ServeArgs {
     pub revocation_ttl: Duration,
     /// Do not watch the policy directory; reload only on SIGHUP or `POST /v1/policy/reload`
     /// (for file systems without change notifications, or deployments that push reloads).
-    #[arg(long, env = "WSGATE_NO_WATCH")]
+    #[arg(long, env = "WSGATE_NO_WATCH", value_parser = BoolishValueParser::new())]
     pub no_watch: bool,
     /// Most connections held at once.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 50_000)]

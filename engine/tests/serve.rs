@@ -49,6 +49,38 @@ fn a_missing_key_exits_64() {
 }
 
 #[test]
+fn redis_cluster_needs_redis_and_bad_seeds_are_refused_without_their_password() {
+    let dir = common::default_policy_dir();
+    let dir = dir.to_str().unwrap();
+    let out = serve(&[&EPHEMERAL[..], &["--policies", dir, "--redis-cluster"]].concat(), Some(common::SECRET))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--redis <REDIS>"));
+    let seeds = "redis://u:hunter2-secret@127.0.0.1:1,not a url";
+    let stderr = refused(serve(
+        &[&EPHEMERAL[..], &["--policies", dir, "--redis", seeds, "--redis-cluster"]].concat(),
+        Some(common::SECRET),
+    ));
+    assert!(stderr.contains("--redis") && !stderr.contains("hunter2"), "{stderr}");
+    let stderr =
+        refused(serve(&[&EPHEMERAL[..], &["--policies", dir, "--redis", seeds]].concat(), Some(common::SECRET)));
+    assert!(stderr.contains("--redis-cluster") && !stderr.contains("hunter2"), "several URLs: {stderr}");
+}
+
+#[test]
+fn flag_variables_take_1_and_yes() {
+    let dir = common::default_policy_dir();
+    let args = ["--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--policies", dir.to_str().unwrap()];
+    let mut cmd = serve(&args, Some(common::SECRET));
+    cmd.env("WSGATE_ALLOW_PLAINTEXT", "1").env("WSGATE_NO_WATCH", "yes");
+    let mut child = spawn(cmd);
+    let (line, _) = first_lines(&mut child, 1);
+    assert!(line[0].starts_with("wsgate listening ws=0.0.0.0:"), "{line:?}");
+    stop(child);
+}
+
+#[test]
 fn plaintext_on_a_public_address_exits_64_unless_allowed() {
     let dir = common::default_policy_dir();
     let dir = dir.to_str().unwrap();
