@@ -43,7 +43,7 @@ against!(per_ip_and_reconnect_limits_count_every_instance: server, cluster);
 against!(a_crashed_instances_connections_stop_counting_when_their_leases_lapse: server, cluster);
 against!(a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself: server, cluster);
 against!(a_killed_subscription_is_noticed_and_restored: server, cluster);
-against!(a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt: server);
+against!(a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt: server, cluster);
 against!(a_confirmed_subscription_is_in_effect_in_redis: server, cluster);
 against!(an_instance_started_while_redis_is_down_waits_for_it: server, cluster);
 against!(slots_are_the_clusters_own: cluster);
@@ -390,12 +390,43 @@ async fn a_killed_subscription_is_noticed_and_restored(redis: TestRedis) {
 /// Redis' pushes never arrive) while commands keep working: the probe notices, the instance
 /// reports itself away, and rebuilds the subscription.
 async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt(redis: TestRedis) {
-    let TestRedis::Server(server) = &redis else { unreachable!("a proxy in front of one server") };
-    let proxy = common::proxy::Proxy::start(server.port).await;
-    let a = instance(&redis, "a", same).await;
-    let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new("b") };
-    let b = Gateway::with_redis(policy(same), options, &proxy.url(), Topology::Server).unwrap();
-    eventually("b reaches Redis through the proxy", Duration::from_secs(10), || async { up(&b) }).await;
+    let (proxy, a, b) = match &redis {
+        TestRedis::Server(server) => {
+            // Only b goes through the proxy.
+            let proxy = common::proxy::Proxy::start(server.port).await;
+            let a = instance(&redis, "a", same).await;
+            let options = GatewayOptions { admin_token: Some(ADMIN.into()), ..GatewayOptions::new("b") };
+            let b = Gateway::with_redis(policy(same), options, &proxy.url(), Topology::Server).unwrap();
+            eventually("b reaches Redis through the proxy", Duration::from_secs(10), || async { up(&b) }).await;
+            (proxy, a, b)
+        }
+        TestRedis::Cluster(cluster) => {
+            // The node owning `alerts` announces the proxy's port, so every client reaches it
+            // through the proxy: wedging it wedges one node's subscriptions, not the others'.
+            let owner = node_owning(&redis, "wsgate:ch:alerts").await;
+            let node = &cluster.nodes[owner];
+            let proxy = common::proxy::Proxy::start(node.port).await;
+            let mut con = node.connection().await.unwrap();
+            for (key, value) in
+                [("cluster-announce-bus-port", node.port + 10_000), ("cluster-announce-port", proxy.port)]
+            {
+                let _: () = redis::cmd("CONFIG").arg("SET").arg(key).arg(value).query_async(&mut con).await.unwrap();
+            }
+            eventually("every node knows the owner by the proxy's port", Duration::from_secs(15), || async {
+                let mut all = true;
+                for n in &cluster.nodes {
+                    let mut con = n.connection().await.unwrap();
+                    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut con).await.unwrap();
+                    all &= nodes.contains(&format!("127.0.0.1:{}@", proxy.port));
+                }
+                all
+            })
+            .await;
+            let a = instance(&redis, "a", same).await;
+            let b = instance(&redis, "b", same).await;
+            (proxy, a, b)
+        }
+    };
     let _alice = connect(&a, &token("alice", HOUR, &[])).await;
     let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
     eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
@@ -404,10 +435,21 @@ async fn a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt(redis: TestRe
     eventually("b notices its subscription delivers nothing", Duration::from_secs(5), || async { !up(&b) }).await;
     let (status, _) = admin(&b, "GET", "/readyz", "").await;
     assert_eq!(status, 503, "not ready while wedged");
-    eventually("b rebuilds its subscription", Duration::from_secs(10), || async { up(&b) }).await;
+    eventually("the subscriptions are rebuilt", Duration::from_secs(15), || async { up(&a) && up(&b) }).await;
     let id = publish(&a, "alerts", json!("after the wedge")).await;
     let m = tokio::time::timeout(Duration::from_secs(2), next_json(&mut bob)).await.expect("delivered again");
     assert_eq!(m["id"], id.as_str());
+}
+
+/// The index of the node owning `key`'s slot (the others answer `MOVED`).
+async fn node_owning(redis: &TestRedis, key: &str) -> usize {
+    for (i, node) in redis.nodes().iter().enumerate() {
+        let mut con = node.connection().await.unwrap();
+        if redis::cmd("SPUBLISH").arg(key).arg("{}").query_async::<i64>(&mut con).await.is_ok() {
+            return i;
+        }
+    }
+    panic!("no node owns {key}")
 }
 
 /// A client's welcome (and its `ok` to a `subscribe`) is sent only once Redis has its

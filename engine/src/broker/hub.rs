@@ -197,6 +197,11 @@ impl Hub {
         fanout
     }
 
+    /// How many channels have a local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Whether `channel` has a local subscriber.
     pub fn has_subscribers(&self, channel: &str) -> bool {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).contains_key(channel)

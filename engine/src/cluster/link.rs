@@ -46,16 +46,23 @@ impl Link {
     /// `url`: one Redis URL, or for a [`Topology::Cluster`] the comma-separated URLs of its seed
     /// nodes. Errors never repeat the URL (it may hold a password).
     pub fn open(url: &str, topology: Topology) -> Result<Link, String> {
-        let urls: Vec<String> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(with_resp3).collect();
+        // One server's URL is taken whole (a password may hold a comma); a cluster's is split.
+        let urls: Vec<String> = match topology {
+            Topology::Server => vec![with_resp3(url.trim())],
+            Topology::Cluster => url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(with_resp3).collect(),
+        };
         if urls.iter().any(|u| u.starts_with("rediss://")) {
             return Err("--redis: TLS to Redis (rediss://) is not supported by this build".into());
         }
         let invalid = "--redis is not a valid Redis URL (redis://[user:password@]host:port[/db])";
         if topology == Topology::Server {
-            if urls.len() != 1 {
-                return Err(format!("{invalid}; several URLs are seed nodes of a Redis Cluster (--redis-cluster)"));
-            }
-            return redis::Client::open(urls[0].as_str()).map(Link::Single).map_err(|_| invalid.to_string());
+            return redis::Client::open(urls[0].as_str()).map(Link::Single).map_err(|_| {
+                if url.contains(',') {
+                    format!("{invalid}; comma-separated URLs are the seed nodes of a Redis Cluster (--redis-cluster)")
+                } else {
+                    invalid.to_string()
+                }
+            });
         }
         if urls.is_empty() {
             return Err(invalid.into());
@@ -202,15 +209,12 @@ pub enum Subscriber {
 
 impl Subscriber {
     /// Subscribes to `channels`: one command on one server; on a cluster, one per hash slot
-    /// (a sharded subscribe's channels must share a slot).
+    /// (a sharded subscribe's channels must share a slot), [`IN_FLIGHT`] at a time.
     pub async fn subscribe(&mut self, channels: Vec<String>) -> RedisResult<()> {
         match self {
             Subscriber::Single(c) => c.subscribe(channels).await,
             Subscriber::Sharded(c) => {
-                for channels in by_slot(channels) {
-                    c.ssubscribe(channels).await?;
-                }
-                Ok(())
+                per_slot(c, channels, |mut c, group| async move { c.ssubscribe(group).await }).await
             }
         }
     }
@@ -220,13 +224,30 @@ impl Subscriber {
         match self {
             Subscriber::Single(c) => c.unsubscribe(channels).await,
             Subscriber::Sharded(c) => {
-                for channels in by_slot(channels) {
-                    c.sunsubscribe(channels).await?;
-                }
-                Ok(())
+                per_slot(c, channels, |mut c, group| async move { c.sunsubscribe(group).await }).await
             }
         }
     }
+}
+
+/// Commands a cluster connection is given at once when one order spans many slots (a resync
+/// after an outage subscribes to every user's channel: thousands of slots).
+pub const IN_FLIGHT: usize = 64;
+
+/// Runs `command` for each slot's group of `channels`, [`IN_FLIGHT`] at a time; the first
+/// error is returned (after the others have run).
+async fn per_slot<F, Fut>(connection: &ClusterConnection, channels: Vec<String>, command: F) -> RedisResult<()>
+where
+    F: Fn(ClusterConnection, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = RedisResult<()>>,
+{
+    use futures_util::StreamExt;
+    let results: Vec<RedisResult<()>> = futures_util::stream::iter(by_slot(channels))
+        .map(|group| command(connection.clone(), group))
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 /// `channels` in groups of one hash slot each.
@@ -267,7 +288,9 @@ mod tests {
         let err = Link::open("not a url :secret", Topology::Server).err().unwrap();
         assert!(!err.contains("secret"), "{err}");
         assert!(Link::open("rediss://h:1", Topology::Server).is_err());
-        assert!(Link::open("redis://a:1,redis://b:2", Topology::Server).is_err(), "seed lists are for clusters");
+        let err = Link::open("redis://a:1,redis://b:2", Topology::Server).err().unwrap();
+        assert!(err.contains("--redis-cluster"), "seed lists are for clusters: {err}");
+        assert!(Link::open("redis://u:pa,ss@h:1", Topology::Server).is_ok(), "a comma in a password");
         let link = Link::open("redis://a:1, redis://b:2", Topology::Cluster).unwrap();
         assert!(link.is_sharded());
         assert_eq!(link.publish_command(), "SPUBLISH");

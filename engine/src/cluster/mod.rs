@@ -9,8 +9,10 @@
 //!   the user's live connections (`max_per_user`, newest wins) are counted in Redis by atomic
 //!   scripts, over leases that lapse when an instance stops renewing them.
 //! - **Control** ([`wire::Control`] on `wsgate:control`): replacements (4009) and disconnects
-//!   (4010) of connections on other instances. Revocations are also kept in Redis keys with a
-//!   TTL, read by an instance when it starts and whenever Redis returns.
+//!   (4010) of connections on other instances. Revocations are also kept in one Redis sorted
+//!   set (`wsgate:revocations`), read by an instance when it starts and whenever Redis returns.
+//! - **Topology** ([`link`]): one server, or a Redis Cluster with sharded pub/sub
+//!   (`--redis-cluster`), where commands, pipelines and scripts each stay within one hash slot.
 //! - **Health**: every [`PROBE_INTERVAL`] the instance publishes a probe to a channel only it
 //!   subscribes to and checks that the last one came back through its subscription: a
 //!   subscription that is wedged while commands still work is noticed and rebuilt. While Redis
@@ -29,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -191,6 +194,8 @@ impl Cluster {
     /// end with it.
     pub fn start(&self, gw: &Arc<Gateway>) {
         let Some(rx) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let topology = if self.link.is_sharded() { "cluster" } else { "server" };
+        tracing::info!(topology, origin = %self.origin, "one of several instances over Redis");
         tokio::spawn(subscriber(Arc::downgrade(gw), self.link.clone(), rx));
         tokio::spawn(health(Arc::downgrade(gw)));
     }
@@ -222,8 +227,7 @@ impl Cluster {
         if self.outage_logged.swap(false, Ordering::Relaxed) {
             tracing::info!("Redis available again: resubscribed, leases and revocations restored");
         } else if !was_up {
-            let topology = if self.link.is_sharded() { "cluster" } else { "server" };
-            tracing::info!(topology, "connected to Redis");
+            tracing::info!("connected to Redis");
         }
     }
 
@@ -320,18 +324,28 @@ impl Cluster {
         if full != 0 {
             return Ok((1, 0));
         }
-        let wait: i64 = scripts::ADMIT_RECONNECT
+        let wait: redis::RedisResult<i64> = scripts::ADMIT_RECONNECT
             .key(keys::reconnects(user))
             .arg(now)
             .arg(member)
             .arg(limits.reconnects_max)
             .arg(millis(limits.reconnects_per))
             .invoke_async(&mut con)
-            .await?;
+            .await;
+        let wait = match wait {
+            Ok(wait) => wait,
+            Err(e) => {
+                // The caller counts locally now: the address's lease here goes (or lapses).
+                let _: redis::RedisResult<i64> = redis::cmd("ZREM").arg(ip_key).arg(member).query_async(&mut con).await;
+                return Err(e);
+            }
+        };
         if wait == 0 {
             return Ok((0, 0));
         }
-        redis::cmd("ZREM").arg(ip_key).arg(member).query_async::<i64>(&mut con).await?;
+        // Refused: take the address's count back. Should that fail, the lease lapses by itself
+        // within [`LEASE`]; the refusal stands either way.
+        let _: redis::RedisResult<i64> = redis::cmd("ZREM").arg(ip_key).arg(member).query_async(&mut con).await;
         Ok((2, wait))
     }
 
@@ -403,14 +417,14 @@ impl Cluster {
     pub async fn disconnect(&self, user: &str, reason: &str, revoked_at: Option<SystemTime>) -> bool {
         let revoked_at_ms = revoked_at.map(|t| t.duration_since(UNIX_EPOCH).map_or(0, millis));
         if let Some(at) = revoked_at_ms {
-            let ttl = millis(self.revocation_ttl).max(1);
+            let forget_at = at.saturating_add(millis(self.revocation_ttl));
             let now = now_ms();
             let stored: redis::RedisResult<i64> = scripts::REVOKE
                 .key(keys::REVOCATIONS)
                 .arg(now)
-                .arg(now.saturating_add(ttl))
+                .arg(forget_at)
                 .arg(keys::revocation(at, user))
-                .arg(ttl)
+                .arg(forget_at.saturating_sub(now).max(1))
                 .invoke_async(&mut self.connection())
                 .await;
             if let Err(e) = stored {
@@ -455,14 +469,14 @@ impl Cluster {
             }
         }
         let lease = millis(LEASE);
+        let mut pipes = Vec::new();
         let mut pipe = redis::pipe();
         let mut pipe_group = None;
         for ((group, key), members) in members {
             if pipe_group != Some(group) || pipe.len() >= PIPELINE_CHUNK {
                 if !pipe.is_empty() {
-                    pipe.query_async::<()>(&mut self.connection()).await?;
+                    pipes.push(std::mem::take(&mut pipe));
                 }
-                pipe = redis::pipe();
                 pipe_group = Some(group);
             }
             for chunk in members.chunks(PIPELINE_CHUNK) {
@@ -476,9 +490,18 @@ impl Cluster {
             pipe.cmd("PEXPIRE").arg(&key).arg(lease).ignore();
         }
         if !pipe.is_empty() {
-            pipe.query_async::<()>(&mut self.connection()).await?;
+            pipes.push(pipe);
         }
-        Ok(())
+        // On a cluster, one pipeline per slot: many, sent a few at a time.
+        let results: Vec<redis::RedisResult<()>> = futures_util::stream::iter(pipes)
+            .map(|pipe| {
+                let mut con = self.connection();
+                async move { pipe.query_async::<()>(&mut con).await }
+            })
+            .buffer_unordered(link::IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     /// Reads every revocation in Redis into `gw`'s (an instance started later, or back from an
@@ -505,18 +528,18 @@ impl Cluster {
     }
 
     /// Sends the probe numbered `seq` on every probe channel; answers the fewest subscribers
-    /// any of them reached.
+    /// any of them reached (0 when there is no channel: nothing was checked).
     async fn probe(&self, seq: u64) -> redis::RedisResult<i64> {
-        let mut fewest = i64::MAX;
+        let mut fewest: Option<i64> = None;
         for channel in self.probes.channels() {
             let reached: i64 = redis::cmd(self.link.publish_command())
                 .arg(&channel)
                 .arg(seq)
                 .query_async(&mut self.connection())
                 .await?;
-            fewest = fewest.min(reached);
+            fewest = Some(fewest.map_or(reached, |f| f.min(reached)));
         }
-        Ok(fewest)
+        Ok(fewest.unwrap_or(0))
     }
 
     /// On a cluster, reads the slot map and probes one channel per primary from now on; the
@@ -528,7 +551,11 @@ impl Cluster {
         let slots: redis::RedisResult<Value> =
             redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut self.connection()).await;
         let Some(slots) = slots.ok().as_ref().and_then(probe::parse_cluster_slots) else { return false };
-        let Some((new, gone)) = self.probes.replace(probe::per_primary(&self.origin, &slots)) else { return false };
+        let channels = probe::per_primary(&self.origin, &slots);
+        if channels.is_empty() {
+            return false; // a cluster still forming: keep probing what was probed
+        }
+        let Some((new, gone)) = self.probes.replace(channels) else { return false };
         for channel in new {
             let _ = self.subscriptions.send(Subscription::Subscribe(channel));
         }
@@ -705,8 +732,10 @@ fn subscription_connection(link: &Link, gw: &Weak<Gateway>) -> redis::RedisResul
 /// leases.
 async fn health(gw: Weak<Gateway>) {
     // Subscribe first, so the first probe finds the subscription in place.
-    if let Some(cluster) = gw.upgrade().and_then(|gw| gw.cluster.clone()) {
-        cluster.ask(Subscription::Resync, RESPONSE_TIMEOUT * 2).await;
+    if let Some(gw) = gw.upgrade()
+        && let Some(cluster) = gw.cluster.clone()
+    {
+        cluster.ask(Subscription::Resync, resync_within(&gw)).await;
     }
     let mut every = tokio::time::interval(PROBE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -766,10 +795,17 @@ async fn health(gw: Weak<Gateway>) {
     }
 }
 
+/// How long a resync may take: it subscribes to every channel with a local subscriber, which on
+/// a cluster is one command per hash slot (a second per thousand channels is generous).
+fn resync_within(gw: &Gateway) -> Duration {
+    let thousands = u32::try_from(gw.hub.channel_count() / 1000).unwrap_or(u32::MAX);
+    RESPONSE_TIMEOUT.saturating_mul(thousands.saturating_add(2))
+}
+
 /// Back from an outage (or the first contact): subscribe to everything, restore leases and
 /// revocations, then mark the link up.
 async fn restore(gw: &Gateway, cluster: &Cluster) {
-    if !cluster.ask(Subscription::Resync, RESPONSE_TIMEOUT * 2).await {
+    if !cluster.ask(Subscription::Resync, resync_within(gw)).await {
         return;
     }
     if let Err(e) = cluster.renew_leases().await {

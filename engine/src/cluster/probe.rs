@@ -61,14 +61,16 @@ impl Probes {
         *last = (*last).max(seq);
     }
 
-    /// Whether probe `seq` came back on every channel.
+    /// Whether probe `seq` came back on every channel (and there is one).
     pub fn all_back(&self, seq: u64) -> bool {
+        let channels = self.channels();
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        self.channels().iter().all(|c| seen.get(c).is_some_and(|&s| s >= seq))
+        !channels.is_empty() && channels.iter().all(|c| seen.get(c).is_some_and(|&s| s >= seq))
     }
 }
 
-/// One probe channel per primary of `slots` (ranges of slots with the primary owning them).
+/// One probe channel per primary of `slots` (ranges of slots with the primary owning them);
+/// none for an empty slot map.
 pub fn per_primary(origin: &str, slots: &[SlotRange]) -> Vec<String> {
     let mut primaries: BTreeMap<&str, Vec<(u16, u16)>> = BTreeMap::new();
     for range in slots {
@@ -88,19 +90,25 @@ pub fn per_primary(origin: &str, slots: &[SlotRange]) -> Vec<String> {
     channels
 }
 
-/// Slots `first..=last`, served by `primary` (`host:port`).
+/// Slots `first..=last`, served by `primary` (its node id, or `host:port` without one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotRange {
     /// The first slot.
     pub first: u16,
     /// The last slot.
     pub last: u16,
-    /// The primary's address.
+    /// The primary.
     pub primary: String,
 }
 
-/// The reply of `CLUSTER SLOTS`: `[[first, last, [host, port, id, …], replicas…], …]`.
+/// The reply of `CLUSTER SLOTS`: `[[first, last, [host, port, id, …], replicas…], …]`. The
+/// host may be null (an unknown endpoint); the node id names the primary when given.
 pub fn parse_cluster_slots(reply: &Value) -> Option<Vec<SlotRange>> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
     let Value::Array(ranges) = reply else { return None };
     ranges
         .iter()
@@ -109,17 +117,12 @@ pub fn parse_cluster_slots(reply: &Value) -> Option<Vec<SlotRange>> {
             let [Value::Int(first), Value::Int(last), Value::Array(primary), ..] = fields.as_slice() else {
                 return None;
             };
-            let [host, Value::Int(port), ..] = primary.as_slice() else { return None };
-            let host = match host {
-                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                Value::SimpleString(s) => s.clone(),
-                _ => return None,
+            let [host, Value::Int(port), rest @ ..] = primary.as_slice() else { return None };
+            let primary = match rest.first().and_then(text) {
+                Some(id) => id,
+                None => format!("{}:{port}", text(host).unwrap_or_default()),
             };
-            Some(SlotRange {
-                first: u16::try_from(*first).ok()?,
-                last: u16::try_from(*last).ok()?,
-                primary: format!("{host}:{port}"),
-            })
+            Some(SlotRange { first: u16::try_from(*first).ok()?, last: u16::try_from(*last).ok()?, primary })
         })
         .collect()
 }
@@ -170,14 +173,20 @@ mod tests {
         let node = |host: &str, port: i64| {
             Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::BulkString(b"id".to_vec())])
         };
+        let node_b = |port: i64| Value::Array(vec![Value::BulkString(b"h".to_vec()), Value::Int(port)]);
         let reply = Value::Array(vec![
             Value::Array(vec![Value::Int(0), Value::Int(8191), node("127.0.0.1", 7000), node("127.0.0.1", 7003)]),
-            Value::Array(vec![Value::Int(8192), Value::Int(16383), node("127.0.0.1", 7001)]),
+            Value::Array(vec![Value::Int(8192), Value::Int(16383), node_b(7001)]),
         ]);
-        assert_eq!(
-            parse_cluster_slots(&reply),
-            Some(vec![range(0, 8191, "127.0.0.1:7000"), range(8192, 16383, "127.0.0.1:7001")])
-        );
+        assert_eq!(parse_cluster_slots(&reply), Some(vec![range(0, 8191, "id"), range(8192, 16383, "h:7001")]));
+        let unknown_endpoint = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![Value::Nil, Value::Int(7000)]),
+        ])]);
+        assert_eq!(parse_cluster_slots(&unknown_endpoint), Some(vec![range(0, 16383, ":7000")]));
+        assert!(per_primary("o", &[]).is_empty());
+        assert!(!Probes::new("o").all_back(0), "the first probe has not come back yet");
         assert_eq!(parse_cluster_slots(&Value::Nil), None);
         assert_eq!(parse_cluster_slots(&Value::Array(vec![Value::Int(1)])), None);
     }

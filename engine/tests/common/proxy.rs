@@ -1,5 +1,5 @@
 //! A TCP proxy in front of Redis that can wedge subscription connections: after
-//! [`Proxy::wedge_subscriptions`], the connections that have sent a SUBSCRIBE so far stay open
+//! [`Proxy::wedge_subscriptions`], the connections that have sent a SUBSCRIBE (or SSUBSCRIBE) so far stay open
 //! but get nothing more from Redis — what a half-dead connection after a failover looks like
 //! to a client. Connections opened later pass through.
 
