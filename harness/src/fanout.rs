@@ -20,6 +20,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::client::{Connection, Event};
 use crate::http::{self, HttpRequest};
 use crate::memory;
+use crate::redis_cluster::{Redis, RedisCluster};
 use crate::redis_server::{self, RedisServer};
 use crate::reload_latency::Latencies;
 use crate::supervisor::{Credentials, Redactor};
@@ -42,6 +43,8 @@ pub struct FanoutOptions {
     pub instances: usize,
     /// Run with a Redis even with one instance (to see what Redis adds).
     pub redis: bool,
+    /// The Redis is a three-node Redis Cluster (`--redis-cluster`, sharded pub/sub).
+    pub redis_cluster: bool,
     /// How many messages to publish.
     pub messages: usize,
     /// The pause between two publishes.
@@ -55,7 +58,7 @@ pub struct FanoutOptions {
 impl FanoutOptions {
     /// Whether the measurement runs a Redis.
     pub fn with_redis(&self) -> bool {
-        self.redis || self.instances > 1
+        self.redis || self.redis_cluster || self.instances > 1
     }
 }
 
@@ -88,6 +91,8 @@ pub struct FanoutMeasurement {
     pub instances: usize,
     /// Whether the instances ran with Redis.
     pub redis: bool,
+    /// Whether that Redis was a Redis Cluster.
+    pub redis_cluster: bool,
     /// Messages published.
     pub messages: usize,
     /// The latency of each first delivery of a message to a client, sorted.
@@ -120,7 +125,11 @@ impl FanoutMeasurement {
         let sorted = Latencies(self.latencies.clone());
         let instances =
             if self.instances == 1 { "1 instance".to_string() } else { format!("{} instances", self.instances) };
-        let broker = if self.redis { "with Redis" } else { "without Redis" };
+        let broker = match (self.redis, self.redis_cluster) {
+            (true, true) => "over a Redis Cluster",
+            (true, false) => "with Redis",
+            _ => "without Redis",
+        };
         let mut problems = Vec::new();
         if self.missing > 0 {
             problems.push(format!("{} missing", self.missing));
@@ -155,6 +164,7 @@ fn tally(opts: &FanoutOptions, ids: &[String], logs: Vec<ClientLog>) -> FanoutMe
         clients: opts.clients,
         instances: opts.instances,
         redis: opts.with_redis(),
+        redis_cluster: opts.redis_cluster,
         messages: ids.len(),
         latencies: Vec::with_capacity(opts.clients * ids.len()),
         missing: 0,
@@ -277,11 +287,16 @@ pub async fn measure(opts: &FanoutOptions) -> Result<FanoutMeasurement, String> 
     let redis = if opts.with_redis() {
         let bin = redis_server::find_redis_server()
             .map_err(|e| format!("several instances (or --redis) need a Redis, but {e}"))?;
-        Some(RedisServer::start(&bin, Arc::clone(&redactor), Duration::from_secs(10)).await?)
+        let redactor = Arc::clone(&redactor);
+        Some(if opts.redis_cluster {
+            Redis::Cluster(RedisCluster::start(&bin, redactor, Duration::from_secs(30)).await?)
+        } else {
+            Redis::Server(Box::new(RedisServer::start(&bin, redactor, Duration::from_secs(10)).await?))
+        })
     } else {
         None
     };
-    let args: Vec<String> = redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
+    let args: Vec<String> = redis.iter().flat_map(Redis::args).collect();
     // Each instance's per-IP limit is raised past every client: with Redis it counts the
     // connections of the whole cluster, all of which come from 127.0.0.1.
     let mut servers = Vec::with_capacity(opts.instances);
@@ -375,6 +390,7 @@ mod tests {
             clients,
             instances,
             redis: false,
+            redis_cluster: false,
             messages: 2,
             interval: Duration::from_millis(20),
             grace: Duration::from_secs(10),
@@ -392,6 +408,7 @@ mod tests {
         assert_eq!((0..3).map(|k| share(10, 3, k)).collect::<Vec<_>>(), vec![4, 3, 3]);
         assert_eq!(share(7, 1, 0), 7);
         assert!(opts(1, 2).with_redis() && !opts(1, 1).with_redis());
+        assert!(FanoutOptions { redis_cluster: true, ..opts(1, 1) }.with_redis());
     }
 
     #[test]

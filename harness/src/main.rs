@@ -134,6 +134,9 @@ enum Command {
         /// With one instance: run it with a Redis too (to see what Redis adds).
         #[arg(long)]
         redis: bool,
+        /// The Redis is a three-node Redis Cluster; wsgate gets --redis-cluster.
+        #[arg(long)]
+        redis_cluster: bool,
         /// How many messages to publish.
         #[arg(long, default_value_t = 50)]
         messages: usize,
@@ -385,13 +388,24 @@ fn main() -> ExitCode {
             Command::ReloadLatency { saves, bin, max_p99, policies } => {
                 reload_latency(saves, bin.as_deref(), max_p99, policies).await
             }
-            Command::FanoutLatency { clients, instances, redis, messages, interval, grace, bin, policies } => {
+            Command::FanoutLatency {
+                clients,
+                instances,
+                redis,
+                redis_cluster,
+                messages,
+                interval,
+                grace,
+                bin,
+                policies,
+            } => {
                 let opts = fanout::FanoutOptions {
                     bin: supervisor::find_wsgate(bin.as_deref())?,
                     policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
                     clients,
                     instances,
                     redis,
+                    redis_cluster,
                     messages,
                     interval: interval.0,
                     grace: grace.0,

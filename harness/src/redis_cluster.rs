@@ -80,6 +80,14 @@ impl Redis {
         self.nodes_mut().iter_mut().find_map(|n| n.exit_status().map(|s| (n.addr().port(), s)))
     }
 
+    /// The command [`Redis::publish`] sends.
+    pub fn publish_command(&self) -> &'static str {
+        match self {
+            Redis::Server(_) => "PUBLISH",
+            Redis::Cluster(_) => "SPUBLISH",
+        }
+    }
+
     /// Publishes as a backend would: `PUBLISH`, or on a cluster `SPUBLISH` to the node owning
     /// the channel. Answers how many subscribers got it.
     pub async fn publish(&mut self, channel: &str, payload: &[u8], timeout: Duration) -> Result<i64, String> {

@@ -377,10 +377,12 @@ impl Ctx<'_> {
             Value::String(text) => text.clone(),
             other => other.to_string(),
         };
-        let receivers = self.redis_mut()?.publish(&s.channel, payload.as_bytes(), DEFAULT_WITHIN.0).await?;
+        let redis = self.redis_mut()?;
+        let receivers = redis.publish(&s.channel, payload.as_bytes(), DEFAULT_WITHIN.0).await?;
         match s.expect_receivers {
             Some(want) if want != receivers => Err(format!(
-                "expected PUBLISH {} to reach {want} Redis subscriber(s), it reached {receivers}",
+                "expected {} {} to reach {want} Redis subscriber(s), it reached {receivers}",
+                redis.publish_command(),
                 s.channel
             )),
             _ => Ok(()),
