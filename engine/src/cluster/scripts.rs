@@ -11,6 +11,42 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// The Lua functions [`ADMIT`], [`ADMIT_IP`] and [`ADMIT_RECONNECT`] are made of, so the
+/// counting is written once whether it runs in one script or, on a cluster, in two.
+macro_rules! admit_functions {
+    () => {
+        r"
+-- Lapsed leases go; whether the address has `max` live connections.
+local function address_full(key, now, max)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key) >= max
+end
+local function lease_address(key, now, lease, member)
+  redis.call('ZADD', key, now + lease, member)
+  redis.call('PEXPIRE', key, lease)
+end
+-- Handshakes older than the window go; 0 when another is allowed, else the wait in ms until
+-- the oldest that counts leaves the window.
+local function reconnect_wait(key, now, max, per)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - per)
+  local n = redis.call('ZCARD', key)
+  if n < max then
+    return 0
+  end
+  if n == 0 then
+    return math.max(per, 1)
+  end
+  local freeing = redis.call('ZRANGE', key, n - math.max(max, 1), n - math.max(max, 1), 'WITHSCORES')
+  return math.max(tonumber(freeing[2]) + per - now, 1)
+end
+local function record_handshake(key, now, per, member)
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, per)
+end
+"
+    };
+}
+
 /// Per-IP concurrent connections and the per-user reconnect window, in one step.
 ///
 /// KEYS: `wsgate:ip:<addr>`, `wsgate:reconnects:<user>`.
@@ -18,32 +54,24 @@ use redis::Script;
 /// Returns `{0, 0}` admitted (the lease and the handshake are recorded), `{1, 0}` the address
 /// is at its limit, `{2, wait_ms}` the user reconnects too often.
 pub static ADMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        admit_functions!(),
         r"
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+local per = tonumber(ARGV[6])
+if address_full(KEYS[1], now, tonumber(ARGV[4])) then
   return {1, 0}
 end
-local max = tonumber(ARGV[5])
-local per = tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - per)
-local n = redis.call('ZCARD', KEYS[2])
-if n >= max then
-  if n == 0 then
-    return {2, per}
-  end
-  local freeing = redis.call('ZRANGE', KEYS[2], n - math.max(max, 1), n - math.max(max, 1), 'WITHSCORES')
-  return {2, math.max(tonumber(freeing[2]) + per - now, 1)}
+local wait = reconnect_wait(KEYS[2], now, tonumber(ARGV[5]), per)
+if wait > 0 then
+  return {2, wait}
 end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], lease)
-redis.call('ZADD', KEYS[2], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[2], per)
+lease_address(KEYS[1], now, lease, ARGV[3])
+record_handshake(KEYS[2], now, per, ARGV[3])
 return {0, 0}
-",
-    )
+"
+    ))
 });
 
 /// The address half of [`ADMIT`], for a Redis Cluster (where the two keys lie in different
@@ -52,19 +80,17 @@ return {0, 0}
 /// KEYS: `wsgate:ip:<addr>`. ARGV: now, lease, member, max_per_ip.
 /// Returns 0 admitted (the lease is recorded) or 1 the address is at its limit.
 pub static ADMIT_IP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        admit_functions!(),
         r"
 local now = tonumber(ARGV[1])
-local lease = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+if address_full(KEYS[1], now, tonumber(ARGV[4])) then
   return 1
 end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], lease)
+lease_address(KEYS[1], now, tonumber(ARGV[2]), ARGV[3])
 return 0
-",
-    )
+"
+    ))
 });
 
 /// The reconnect-window half of [`ADMIT`], for a Redis Cluster.
@@ -72,25 +98,18 @@ return 0
 /// KEYS: `wsgate:reconnects:<user>`. ARGV: now, member, reconnects max, window (ms).
 /// Returns 0 admitted (the handshake is recorded) or the wait in ms until a slot frees.
 pub static ADMIT_RECONNECT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        admit_functions!(),
         r"
 local now = tonumber(ARGV[1])
-local max = tonumber(ARGV[3])
 local per = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - per)
-local n = redis.call('ZCARD', KEYS[1])
-if n >= max then
-  if n == 0 then
-    return math.max(per, 1)
-  end
-  local freeing = redis.call('ZRANGE', KEYS[1], n - math.max(max, 1), n - math.max(max, 1), 'WITHSCORES')
-  return math.max(tonumber(freeing[2]) + per - now, 1)
+local wait = reconnect_wait(KEYS[1], now, tonumber(ARGV[3]), per)
+if wait == 0 then
+  record_handshake(KEYS[1], now, per, ARGV[2])
 end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], per)
-return 0
-",
-    )
+return wait
+"
+    ))
 });
 
 /// Records a revocation and forgets the lapsed ones.
