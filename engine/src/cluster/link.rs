@@ -112,9 +112,9 @@ impl Link {
             Link::Single(client) => ConnectionManager::new_lazy_with_config(client.clone(), config())
                 .map(Commands::Single)
                 .map_err(|e| format!("--redis: {:?}", e.kind())),
-            Link::Sharded(client) => Ok(Commands::Sharded(client.get_pending_async_connection_with_config(
-                ClusterConfig::new().set_connection_timeout(RESPONSE_TIMEOUT).set_response_timeout(RESPONSE_TIMEOUT),
-            ))),
+            Link::Sharded(client) => {
+                Ok(Commands::Sharded(client.get_pending_async_connection_with_config(cluster_config())))
+            }
         }
     }
 
@@ -131,10 +131,7 @@ impl Link {
                 ConnectionManager::new_lazy_with_config(client.clone(), config).map(Subscriber::Single)
             }
             Link::Sharded(client) => {
-                let config = ClusterConfig::new()
-                    .set_connection_timeout(RESPONSE_TIMEOUT)
-                    .set_response_timeout(RESPONSE_TIMEOUT)
-                    .set_push_sender(sender);
+                let config = cluster_config().set_push_sender(sender);
                 Ok(Subscriber::Sharded(client.get_pending_async_connection_with_config(config)))
             }
         }
@@ -159,6 +156,11 @@ fn config() -> ConnectionManagerConfig {
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(100))
         .set_max_delay(Duration::from_secs(2))
+}
+
+/// [`config`]'s timeouts, for a cluster's connections (its retries are set on the client).
+fn cluster_config() -> ClusterConfig {
+    ClusterConfig::new().set_connection_timeout(RESPONSE_TIMEOUT).set_response_timeout(RESPONSE_TIMEOUT)
 }
 
 /// The commands connection, to one server or to a cluster (which routes each command to the

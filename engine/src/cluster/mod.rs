@@ -160,8 +160,9 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Cluster {
-    /// A link to the Redis at `url` (for a cluster, its seed nodes; see [`Link::open`]). Connects lazily: a Redis that is down at start is waited for (the
-    /// instance serves locally meanwhile); a malformed URL is an error.
+    /// A link to the Redis at `url` (for a cluster, its seed nodes; see [`Link::open`]).
+    /// Connects lazily: a Redis that is down at start is waited for (the instance serves
+    /// locally meanwhile); a malformed URL is an error.
     pub fn new(
         url: &str,
         topology: Topology,
@@ -332,21 +333,16 @@ impl Cluster {
             .arg(millis(limits.reconnects_per))
             .invoke_async(&mut con)
             .await;
-        let wait = match wait {
-            Ok(wait) => wait,
-            Err(e) => {
-                // The caller counts locally now: the address's lease here goes (or lapses).
-                let _: redis::RedisResult<i64> = redis::cmd("ZREM").arg(ip_key).arg(member).query_async(&mut con).await;
-                return Err(e);
-            }
-        };
-        if wait == 0 {
-            return Ok((0, 0));
+        if !matches!(wait, Ok(0)) {
+            // Refused, or Redis failed (the caller then counts locally): take the address's
+            // count back. Should that fail, the lease lapses by itself within [`LEASE`]; the
+            // outcome stands either way.
+            let _: redis::RedisResult<i64> = redis::cmd("ZREM").arg(ip_key).arg(member).query_async(&mut con).await;
         }
-        // Refused: take the address's count back. Should that fail, the lease lapses by itself
-        // within [`LEASE`]; the refusal stands either way.
-        let _: redis::RedisResult<i64> = redis::cmd("ZREM").arg(ip_key).arg(member).query_async(&mut con).await;
-        Ok((2, wait))
+        match wait? {
+            0 => Ok((0, 0)),
+            wait => Ok((2, wait)),
+        }
     }
 
     /// A lease for a connection admitted while Redis was away: it is known here and is added
@@ -566,6 +562,13 @@ impl Cluster {
         true
     }
 
+    /// The channels this instance listens to whatever its clients do: control and its probes.
+    fn own_channels(&self) -> Vec<String> {
+        let mut channels = vec![keys::CONTROL.to_string()];
+        channels.extend(self.probes.channels());
+        channels
+    }
+
     fn on_push(&self, gw: &Gateway, push: PushInfo) {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
@@ -600,7 +603,7 @@ impl Cluster {
                 let Ok(channel) = std::str::from_utf8(channel) else { return };
                 let wanted = match keys::client_channel(channel) {
                     Some(client_channel) => gw.hub.has_subscribers(client_channel),
-                    None => channel == keys::CONTROL || self.probes.channels().iter().any(|c| c == channel),
+                    None => self.own_channels().iter().any(|c| c == channel),
                 };
                 if wanted {
                     let _ = self.subscriptions.send(Subscription::Subscribe(channel.to_string()));
@@ -680,8 +683,7 @@ async fn subscriber(gw: Weak<Gateway>, link: Link, mut orders: mpsc::UnboundedRe
                 }
                 Subscription::Barrier(done) => (Ok(()), Some(done)),
                 Subscription::Resync(done) | Subscription::Rebuild(done) => {
-                    let mut channels = vec![keys::CONTROL.to_string()];
-                    channels.extend(cluster.probes.channels());
+                    let mut channels = cluster.own_channels();
                     channels.extend(gateway.hub.channels().iter().map(|c| keys::channel(c)));
                     (con.subscribe(channels).await, Some(done))
                 }
