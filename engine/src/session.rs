@@ -362,13 +362,12 @@ where
             }
             Step::Drop(why) => Some(Ended::Dropped(why)),
             Step::ClientClosed(code) => {
-                // tungstenite has queued the close echo: flush it, and read until the end.
-                let ws = &mut self.ws;
-                let _ = timeout(CLOSE_TIMEOUT, async move {
-                    let _ = ws.flush().await;
-                    while let Some(Ok(_)) = ws.next().await {}
-                })
-                .await;
+                // tungstenite has queued the close echo: flush it, then end our side. (Boxed, as
+                // `close`: it runs once, and inline it would size every connection's task.)
+                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                if let Ok(Ok(())) = tokio::time::timeout_at(deadline, self.ws.flush()).await {
+                    Box::pin(self.ws.finish_close(deadline)).await;
+                }
                 Some(Ended::ClientClosed(code))
             }
         }
@@ -777,13 +776,12 @@ where
 
     async fn close_now(&mut self, code: CloseCode, reason: &str) -> Ended {
         let frame = CloseFrame { code: code.code().into(), reason: truncate(reason, MAX_CLOSE_REASON).into() };
-        let ws = &mut self.ws;
-        let _ = timeout(CLOSE_TIMEOUT, async move {
-            if ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
-        .await;
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        // Whatever the peer still sends is read and discarded until its close: closing with
+        // unread input would reset the connection and could destroy our close frame.
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, self.ws.close(Some(frame))).await {
+            self.ws.finish_close(deadline).await;
+        }
         Ended::Closed(code, reason.to_string())
     }
 }

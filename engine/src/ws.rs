@@ -9,13 +9,23 @@
 //!
 //! Only the server side of an upgrade this crate answered itself is supported, and one task
 //! drives each connection (there is no split into halves).
+//!
+//! Closing: after the server's close frame, [`WebSocket::finish_close`] keeps reading and
+//! discarding raw bytes until the peer's close frame, EOF or a deadline, then shuts down the
+//! write side. Dropping a socket with unread input makes the kernel answer with a reset, which
+//! can destroy the close frame still in flight (a browser then reports 1006, not the code sent),
+//! and a client still streaming a message is exactly one with unread input. To find the peer's
+//! close in a stream the protocol may have given up on (a message over the limit stops it
+//! mid-frame), [`InboundFrames`] follows the frame boundaries of every byte read from the
+//! socket: headers only, never payloads.
 
 use std::future::poll_fn;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, timeout_at};
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error, Message};
 
@@ -23,6 +33,8 @@ use tungstenite::{Error, Message};
 pub struct WebSocket<S> {
     stream: S,
     protocol: WebSocketContext,
+    /// Frame boundaries of what the peer sent, so a close can find the peer's answer.
+    inbound: InboundFrames,
     /// The connection is over: it was closed or failed, and the error was already returned.
     ended: bool,
 }
@@ -34,9 +46,12 @@ where
     /// A connection whose upgrade has been answered; `early` holds bytes read after the
     /// request head (a client may send its first frames right behind it).
     pub fn from_partially_read(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocket<S> {
+        let mut inbound = InboundFrames::default();
+        inbound.feed(&early);
         WebSocket {
             stream,
             protocol: WebSocketContext::from_partially_read(early, Role::Server, Some(config)),
+            inbound,
             ended: false,
         }
     }
@@ -123,13 +138,29 @@ where
         .await
     }
 
+    /// Ends the connection after a close frame was sent (or the peer's was echoed): reads and
+    /// discards what the peer still sends until its close frame has arrived, it closed its side,
+    /// the socket failed or `deadline` passed; then shuts down the write side (for TLS, after a
+    /// `close_notify`). Nothing read here is decoded beyond frame headers, buffered or acted on.
+    pub async fn finish_close(&mut self, deadline: Instant) {
+        let mut discard = [0u8; 512];
+        while !self.inbound.closed {
+            match timeout_at(deadline, self.stream.read(&mut discard)).await {
+                Ok(Ok(n)) if n > 0 => self.inbound.feed(&discard[..n]),
+                _ => break,
+            }
+        }
+        self.ended = true;
+        let _ = timeout_at(deadline, self.stream.shutdown()).await;
+    }
+
     /// Runs one protocol call over the socket, with "would block" turned into `Pending`.
     fn io<T>(
         &mut self,
         cx: &mut Context<'_>,
         call: impl FnOnce(&mut WebSocketContext, &mut Io<'_, '_, S>) -> Result<T, Error>,
     ) -> Poll<Result<T, Error>> {
-        let mut io = Io { stream: &mut self.stream, cx };
+        let mut io = Io { stream: &mut self.stream, inbound: &mut self.inbound, cx };
         match call(&mut self.protocol, &mut io) {
             Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
             other => Poll::Ready(other),
@@ -141,6 +172,8 @@ where
 /// task registered to be woken when the socket is ready.
 struct Io<'a, 'b, S> {
     stream: &'a mut S,
+    /// Sees every byte read.
+    inbound: &'a mut InboundFrames,
     cx: &'a mut Context<'b>,
 }
 
@@ -148,7 +181,10 @@ impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Ok(())) => {
+                self.inbound.feed(buf.filled());
+                Ok(buf.filled().len())
+            }
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -171,6 +207,75 @@ impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
     }
 }
 
+/// Follows the frame boundaries of the bytes a peer sends (RFC 6455 §5.2): a header is
+/// collected, its payload skipped by count. Only the opcode and length of each header are
+/// looked at; `closed` turns true once a whole close frame has gone by. A stream that is not
+/// valid WebSocket framing only makes `closed` wrong, and a close then waits for EOF or its
+/// deadline instead.
+#[derive(Debug, Default)]
+struct InboundFrames {
+    /// The header of the frame being read, while it is incomplete (at most 14 bytes).
+    header: [u8; 14],
+    /// How many bytes of `header` have arrived.
+    have: u8,
+    /// Payload bytes of the current frame still to come.
+    remaining: u64,
+    /// The current frame is a close frame.
+    in_close: bool,
+    /// A whole close frame has arrived.
+    closed: bool,
+}
+
+impl InboundFrames {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let skip = usize::try_from(self.remaining).map_or(bytes.len(), |r| r.min(bytes.len()));
+                bytes = &bytes[skip..];
+                self.remaining -= skip as u64;
+                self.closed |= self.remaining == 0 && self.in_close;
+                continue;
+            }
+            let need = self.header_len();
+            let take = (need - usize::from(self.have)).min(bytes.len());
+            let at = usize::from(self.have);
+            self.header[at..at + take].copy_from_slice(&bytes[..take]);
+            self.have += take as u8;
+            bytes = &bytes[take..];
+            // The length byte can make the header longer than first thought.
+            if usize::from(self.have) == need && need == self.header_len() {
+                self.start_payload();
+            }
+        }
+    }
+
+    /// The current header's length: 2 until the second byte says more.
+    fn header_len(&self) -> usize {
+        if self.have < 2 {
+            return 2;
+        }
+        let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
+        let extended = match self.header[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + extended + mask
+    }
+
+    fn start_payload(&mut self) {
+        let len = match self.header[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+            127 => u64::from_be_bytes(self.header[2..10].try_into().unwrap_or_default()),
+            n => u64::from(n),
+        };
+        self.in_close = self.header[0] & 0x0f == 0x8;
+        self.remaining = len;
+        self.have = 0;
+        self.closed |= len == 0 && self.in_close;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +294,64 @@ mod tests {
         frame.extend_from_slice(&[0, 0, 0, 0]);
         frame.extend_from_slice(payload);
         frame
+    }
+
+    #[test]
+    fn inbound_frames_find_the_close_however_the_bytes_are_split() {
+        let mut stream = Vec::new();
+        stream.extend(client_frame(1, &[b'x'; 300]));
+        stream.extend(client_frame(9, b""));
+        stream.extend(client_frame(0, &[b'y'; 70_000][..65_535]));
+        let close_at = stream.len();
+        stream.extend(client_frame(8, &[0x03, 0xE8]));
+        for piece in [1, 2, 3, 7, 13, 100, 4096, stream.len()] {
+            let mut frames = InboundFrames::default();
+            for (i, chunk) in stream.chunks(piece).enumerate() {
+                let before = frames.closed;
+                frames.feed(chunk);
+                let end = ((i + 1) * piece).min(stream.len());
+                assert_eq!(
+                    frames.closed,
+                    end == stream.len(),
+                    "piece {piece}, after {end} bytes (close at {close_at})"
+                );
+                assert!(!before || frames.closed);
+            }
+        }
+    }
+
+    #[test]
+    fn inbound_frames_skip_a_64_bit_length_without_buffering_it() {
+        let mut frames = InboundFrames::default();
+        // A header claiming a 5 GB payload: only counted, never stored.
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&5_000_000_000u64.to_be_bytes());
+        header.extend_from_slice(&[0, 0, 0, 0]);
+        frames.feed(&header);
+        frames.feed(&[0u8; 4096]);
+        assert_eq!(frames.remaining, 5_000_000_000 - 4096);
+        assert!(!frames.closed);
+    }
+
+    #[tokio::test]
+    async fn finish_close_discards_what_the_peer_still_sends_until_its_close() {
+        let (server, mut client) = duplex(256);
+        let mut ws = WebSocket::from_partially_read(server, Vec::new(), config(1024));
+        ws.close(Some(CloseFrame { code: 1009.into(), reason: "".into() })).await.unwrap();
+        let writer = tokio::spawn(async move {
+            // Far more than the pipe holds: only a server that keeps reading lets this finish.
+            for _ in 0..100 {
+                client.write_all(&client_frame(1, &[b'a'; 100])).await.unwrap();
+            }
+            client.write_all(&client_frame(8, &[0x03, 0xF1])).await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        ws.finish_close(Instant::now() + std::time::Duration::from_secs(5)).await;
+        let rest = writer.await.unwrap();
+        assert_eq!(&rest[..2], &[0x88, 2], "the close frame, then EOF");
+        assert_eq!(ws.next().await.map(|r| r.is_ok()), None, "the connection is over");
     }
 
     fn config(max: usize) -> WebSocketConfig {

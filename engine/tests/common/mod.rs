@@ -5,6 +5,7 @@
 pub mod inproc;
 pub mod proxy;
 pub mod redis;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
