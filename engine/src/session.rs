@@ -21,12 +21,13 @@
 use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
@@ -101,6 +102,15 @@ impl Timers {
 
     fn reauth(&self, limits: &ConnLimits) -> Instant {
         self.last_auth + limits.reauth_interval
+    }
+
+    /// The next instant that may end the connection outright: the token's expiry or a
+    /// reload's booked close.
+    fn ends(&self) -> Option<Instant> {
+        match (self.expires, &self.revoked) {
+            (Some(e), Some((r, ..))) => Some(e.min(*r)),
+            (e, r) => e.or(r.as_ref().map(|(at, ..)| *at)),
+        }
     }
 
     fn next(&self, limits: &ConnLimits) -> Instant {
@@ -365,7 +375,7 @@ where
                 // tungstenite has queued the close echo: flush it, then end our side. (Boxed, as
                 // `close`: it runs once, and inline it would size every connection's task.)
                 let deadline = Instant::now() + CLOSE_TIMEOUT;
-                if let Ok(Ok(())) = tokio::time::timeout_at(deadline, self.ws.flush()).await {
+                if let Ok(Ok(())) = timeout_at(deadline, self.ws.flush()).await {
                     Box::pin(self.ws.finish_close(deadline)).await;
                 }
                 Some(Ended::ClientClosed(code))
@@ -398,13 +408,13 @@ where
         match message {
             Message::Text(text) => self.on_data(Frame::Text(&text)),
             Message::Binary(bytes) => self.on_data(Frame::Binary(&bytes)),
-            // tungstenite answers pings itself, but they count toward the message rate.
-            Message::Ping(_) => match self.pipeline.control_frame(Instant::now()) {
+            // tungstenite answers pings itself, but they count toward the message rate, and so
+            // do pongs (unsolicited ones are a flood like any other; ours ask for one per ping).
+            Message::Ping(_) | Message::Pong(_) => match self.pipeline.control_frame(Instant::now()) {
                 None => Step::Continue,
                 Some(decision) => self.apply(decision),
             },
-            // Pongs only count as liveness.
-            Message::Pong(_) | Message::Frame(_) => Step::Continue,
+            Message::Frame(_) => Step::Continue,
             Message::Close(frame) => Step::ClientClosed(frame.map(|f| u16::from(f.code))),
         }
     }
@@ -425,6 +435,8 @@ where
                 );
                 Step::Close(CloseCode::TooBig, reason)
             }
+            // It pings faster than it reads the answers.
+            WsError::WriteBufferFull(_) => Step::Close(CloseCode::SlowConsumer, "the client does not read".into()),
             WsError::Utf8(_) => Step::Close(CloseCode::InvalidPayload, "text frame is not UTF-8".into()),
             WsError::Protocol(p) => {
                 tracing::debug!(session = %self.name, error = %p, "WebSocket protocol error");
@@ -745,22 +757,74 @@ where
         self.out.push(Message::Text(Utf8Bytes::from(value.to_string())));
     }
 
-    /// Writes the queued frames. A client that does not take one within `heartbeat.timeout`
-    /// is a slow consumer: closed with 4008.
+    /// Writes the queued frames. A client that does not take one within the write deadline
+    /// (`heartbeat.timeout`), or whose write buffer is full, is a slow consumer: closed with
+    /// 4008. Most writes complete at once; one the socket cannot take yet waits in
+    /// [`write_waiting`](Self::write_waiting) (boxed: its timers would otherwise take room in
+    /// every idle connection's task).
     async fn flush(&mut self) -> Result<(), Ended> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let deadline = self.pipeline.limits.heartbeat_timeout;
         // Taking the queue also gives its buffer back: an idle connection holds none.
-        for message in std::mem::take(&mut self.out) {
-            match timeout(deadline, self.ws.send(message)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Ended::Dropped("write failed")),
-                Err(_) => return Err(self.close(CloseCode::SlowConsumer, "the client does not read").await),
+        let mut queued = std::mem::take(&mut self.out).into_iter();
+        while let Some(message) = queued.next() {
+            self.queue(message).await?;
+            match self.ws.try_flush() {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Err(Ended::Dropped("write failed")),
+                Poll::Pending => return Box::pin(self.write_waiting(queued.collect())).await,
             }
         }
         Ok(())
+    }
+
+    /// Puts one frame in the write buffer; a full one makes the client a slow consumer.
+    async fn queue(&mut self, message: Message) -> Result<(), Ended> {
+        match self.ws.queue(message).await {
+            Ok(()) => Ok(()),
+            Err(WsError::WriteBufferFull(_)) => {
+                Err(self.close(CloseCode::SlowConsumer, "the client does not read").await)
+            }
+            Err(_) => Err(Ended::Dropped("write failed")),
+        }
+    }
+
+    /// Waits for what is buffered to be written, then writes `rest` the same way. While a write
+    /// waits, what must end the connection still does at once — a logout or replacement, the
+    /// shutdown, the token's expiry, a reload's close — so a client that does not read cannot
+    /// hold its connection past them.
+    async fn write_waiting(&mut self, rest: Vec<Message>) -> Result<(), Ended> {
+        let mut rest = rest.into_iter();
+        loop {
+            self.wait_written().await?;
+            match rest.next() {
+                Some(message) => self.queue(message).await?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn wait_written(&mut self) -> Result<(), Ended> {
+        let deadline = Instant::now() + self.pipeline.limits.heartbeat_timeout;
+        let mut ends = self.timers.ends();
+        loop {
+            let step = tokio::select! {
+                biased;
+                control = self.mailbox.recv() => self.on_control(control),
+                changed = self.phase.changed(), if self.phase_open => self.on_phase(changed.is_ok()),
+                () = sleep_until(ends.unwrap_or(deadline)), if ends.is_some_and(|e| e < deadline) => self.on_timer(),
+                flushed = timeout_at(deadline, self.ws.flush()) => match flushed {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(_)) => return Err(Ended::Dropped("write failed")),
+                    Err(_) => Step::Close(CloseCode::SlowConsumer, "the client does not read".into()),
+                },
+            };
+            match step {
+                Step::Close(code, reason) => return Err(self.close(code, &reason).await),
+                Step::Drop(why) => return Err(Ended::Dropped(why)),
+                // Nothing that ends the connection (that timer is not waited for again): keep
+                // writing; the flush is cancel-safe.
+                _ => ends = None,
+            }
+        }
     }
 
     /// Sends a close frame and waits (bounded) for the client's; then the connection is done.
@@ -776,10 +840,14 @@ where
 
     async fn close_now(&mut self, code: CloseCode, reason: &str) -> Ended {
         let frame = CloseFrame { code: code.code().into(), reason: truncate(reason, MAX_CLOSE_REASON).into() };
-        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        let now = Instant::now();
+        let deadline = now + CLOSE_TIMEOUT;
+        // A client that does not read never takes the close frame: give up on it after the write
+        // deadline, as on any other frame.
+        let written = now + CLOSE_TIMEOUT.min(self.pipeline.limits.heartbeat_timeout);
         // Whatever the peer still sends is read and discarded until its close: closing with
         // unread input would reset the connection and could destroy our close frame.
-        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, self.ws.close(Some(frame))).await {
+        if let Ok(Ok(())) = timeout_at(written, self.ws.close(Some(frame))).await {
             self.ws.finish_close(deadline).await;
         }
         Ended::Closed(code, reason.to_string())

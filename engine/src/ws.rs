@@ -29,12 +29,23 @@ use tokio::time::{Instant, timeout_at};
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error, Message};
 
+/// Room in the write buffer beyond the frame being written: pongs (and a close frame) queue there
+/// for a peer slow to read. A peer that makes the server owe it more than this in pongs without
+/// reading them is a slow consumer: its next read fails with [`Error::WriteBufferFull`].
+pub const WRITE_SLACK_BYTES: usize = 64 * 1024;
+
+/// Bytes of a frame's header, at most (what a payload costs in the write buffer beyond itself).
+const MAX_HEADER_BYTES: usize = 14;
+
 /// One server-side WebSocket connection.
 pub struct WebSocket<S> {
     stream: S,
     protocol: WebSocketContext,
     /// Frame boundaries of what the peer sent, so a close can find the peer's answer.
     inbound: InboundFrames,
+    /// Bytes of pongs answering the peer's pings that could not be written yet: tungstenite
+    /// queues them by itself, so this is where a peer that pings and never reads shows.
+    pongs_owed: usize,
     /// The connection is over: it was closed or failed, and the error was already returned.
     ended: bool,
 }
@@ -50,8 +61,15 @@ where
         inbound.feed(&early);
         WebSocket {
             stream,
-            protocol: WebSocketContext::from_partially_read(early, Role::Server, Some(config)),
+            protocol: WebSocketContext::from_partially_read(
+                early,
+                Role::Server,
+                // Frames go straight to the socket (no write-behind buffer), and what waits for
+                // a slow peer is bounded.
+                Some(config.write_buffer_size(0).max_write_buffer_size(WRITE_SLACK_BYTES)),
+            ),
             inbound,
+            pongs_owed: 0,
             ended: false,
         }
     }
@@ -82,6 +100,21 @@ where
         }
         match self.io(cx, |protocol, io| protocol.read(io)) {
             Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Message::Ping(payload))) => {
+                // tungstenite has queued the pong; see whether the peer takes it.
+                match self.poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.pongs_owed = 0,
+                    Poll::Ready(Err(_)) => {}
+                    Poll::Pending => {
+                        self.pongs_owed += payload.len() + MAX_HEADER_BYTES;
+                        if self.pongs_owed > WRITE_SLACK_BYTES {
+                            self.ended = true;
+                            return Poll::Ready(Some(Err(Error::WriteBufferFull(Box::new(Message::Ping(payload))))));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(Message::Ping(payload))))
+            }
             Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(message))),
             Poll::Ready(Err(e)) => {
                 self.ended = true;
@@ -95,30 +128,60 @@ where
 
     /// Sends one message and flushes it.
     pub async fn send(&mut self, message: Message) -> Result<(), Error> {
+        self.queue(message).await?;
+        self.flush().await
+    }
+
+    /// Puts one message in the write buffer and writes what the socket takes at once; the
+    /// rest goes out with [`flush`](Self::flush). The buffer holds this frame plus at most
+    /// [`WRITE_SLACK_BYTES`] queued before it (pongs); more fails with
+    /// [`Error::WriteBufferFull`] and queues nothing.
+    pub async fn queue(&mut self, message: Message) -> Result<(), Error> {
         let mut message = Some(message);
         poll_fn(|cx| {
-            if let Some(message) = message.take() {
-                // "Would block" here means the frame is queued; flushing writes it out.
-                if let Poll::Ready(Err(e)) = self.io(cx, |protocol, io| protocol.write(io, message)) {
-                    return Poll::Ready(Err(e));
-                }
+            let Some(message) = message.take() else { return Poll::Ready(Ok(())) };
+            self.set_write_room(message.len() + MAX_HEADER_BYTES);
+            match self.io(cx, |protocol, io| protocol.write(io, message)) {
+                // The frame is queued; the socket is full for now.
+                Poll::Pending => Poll::Ready(Ok(())),
+                done => done,
             }
-            self.poll_flush(cx)
         })
         .await
     }
 
-    /// Writes out everything queued, including automatic pong and close replies.
+    /// Lets the write buffer hold a frame of `frame` bytes beyond the slack.
+    fn set_write_room(&mut self, frame: usize) {
+        let max = WRITE_SLACK_BYTES + frame;
+        if self.protocol.get_config().max_write_buffer_size != max {
+            self.protocol.set_config(|c| c.max_write_buffer_size = max);
+        }
+    }
+
+    /// Writes out everything queued, including automatic pong and close replies. Cancel-safe:
+    /// what is not written yet stays queued.
     pub async fn flush(&mut self) -> Result<(), Error> {
         poll_fn(|cx| self.poll_flush(cx)).await
     }
 
+    /// Flushes what the socket takes now, without waiting: `Pending` means some is still
+    /// buffered, and [`flush`](Self::flush) waits for it.
+    pub fn try_flush(&mut self) -> Poll<Result<(), Error>> {
+        self.poll_flush(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        match self.io(cx, |protocol, io| protocol.flush(io)) {
+        let flushed = match self.io(cx, |protocol, io| protocol.flush(io)) {
             // The close handshake just completed: nothing more to write, not an error.
             Poll::Ready(Err(Error::ConnectionClosed)) => Poll::Ready(Ok(())),
             other => other,
+        };
+        if let Poll::Ready(Ok(())) = flushed {
+            self.pongs_owed = 0;
+            // Nothing is buffered: back to the slack alone.
+            self.set_write_room(0);
         }
+        flushed
     }
 
     /// Starts the close handshake with `frame` and writes it out. The client's answer

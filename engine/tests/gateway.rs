@@ -386,6 +386,40 @@ async fn a_client_that_does_not_read_is_closed_4008_with_bounded_memory() {
     assert_eq!(close_code(&mut slow).await, Some(4008));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_client_that_does_not_read_is_still_logged_out_within_the_write_deadline() {
+    let gw = gateway(same);
+    let _slow = connect(&gw, &token("slow", HOUR, &[])).await;
+    let data = json!({"text": "x".repeat(1000)});
+    for _ in 0..120 {
+        gw.backplane.publish(Delivery::new("user:slow", gw.ids.next_id(), &data)).await.unwrap();
+    }
+    // The session is now stuck writing into a full pipe (its write deadline is 10 s).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = Instant::now();
+    assert_eq!(gw.sessions.close_user("slow", wsgate::close::CloseCode::LoggedOut, "logout"), 1);
+    while gw.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = start.elapsed();
+    assert!(took <= Duration::from_secs(10), "the logout took {took:?}");
+    let metrics = gw.metrics.render();
+    assert!(metrics.contains("wsgate_connections_closed_total{code=\"4010\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn unsolicited_pongs_count_toward_the_rate_like_pings() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    for _ in 0..40 {
+        if ws.send(Message::Pong(Default::default())).await.is_err() {
+            break;
+        }
+    }
+    let code = tokio::time::timeout(Duration::from_secs(5), close_code(&mut ws)).await;
+    assert_eq!(code, Ok(Some(1008)), "40 pongs in a second are a flood");
+}
+
 #[tokio::test]
 async fn subscribe_publish_and_deliveries() {
     let gw = gateway(same);

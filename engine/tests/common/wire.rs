@@ -98,7 +98,18 @@ pub enum Seen {
 impl RawClient {
     /// Upgrades with `token` in the query; panics unless the answer is 101.
     pub async fn connect(addr: SocketAddr, token: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        RawClient::upgrade(TcpStream::connect(addr).await.unwrap(), token).await
+    }
+
+    /// As [`connect`](Self::connect), with a receive buffer of a few KiB (no autotuning): a
+    /// client that does not read then stops taking data at once, not after megabytes.
+    pub async fn connect_small_window(addr: SocketAddr, token: &str) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        RawClient::upgrade(socket.connect(addr).await.unwrap(), token).await
+    }
+
+    async fn upgrade(mut stream: TcpStream, token: &str) -> RawClient {
         let request = format!(
             "GET /ws?token={token} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
