@@ -12,6 +12,7 @@ use crate::auth::Revocations;
 use crate::broker::hub::{Hub, SessionId};
 use crate::broker::{Backplane, LocalBackplane, MessageIds};
 use crate::cluster::{Cluster, RedisBackplane, Topology};
+use crate::handshaking::Handshaking;
 use crate::limits::{IpCounter, KeyedWindows, Pacer, RateEstimator};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -113,9 +114,9 @@ pub struct Gateway {
     pub reconnects: KeyedWindows<String>,
     /// Live connections per IP, for `connections.max_per_ip`.
     pub per_ip: Arc<IpCounter>,
-    /// Connections per IP still in their handshake (not yet authenticated), capped so one
-    /// address cannot hold every connection slot with sockets that never authenticate.
-    pub handshaking: Arc<IpCounter>,
+    /// Connections still in their handshake (not yet authenticated), capped per address and
+    /// in total so no one can hold every connection slot with sockets that never authenticate.
+    pub handshaking: Arc<Handshaking>,
     /// Handshake attempts, for the connection-spike detector.
     pub handshake_rate: std::sync::Mutex<RateEstimator>,
     /// Paces the 4003 closes of live connections a reloaded policy no longer admits.

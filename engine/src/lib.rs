@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod decisions;
 pub mod gateway;
 pub mod handshake;
+pub mod handshaking;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -2,11 +2,14 @@
 //! signal from the caller, so tests bind port 0 and stop the server when they like; the CLI
 //! passes real sockets and the process's signals.
 //!
-//! Every accepted connection is one task ([`handle`]): read the bounded request head (a client
-//! that has not sent it within [`HANDSHAKE_TIMEOUT`] is dropped), run the handshake checks,
-//! then either answer with a refusal or upgrade and run the session. Each task holds a permit
-//! of the connection cap and a clone of one "done" sender: when the last clone is gone, every
-//! connection has finished and the drain is complete.
+//! Every accepted connection is one task ([`connection`]): take a place among the handshakes in
+//! progress ([`crate::handshaking`]: capped per address and in total, or the socket is closed
+//! at once), then within one [`HANDSHAKE_TIMEOUT`] finish TLS (on a `wss://` listener) and read
+//! the bounded request head, run the handshake checks, then either answer with a refusal or
+//! upgrade, give the handshake place back and run the session. Each task holds a permit of the
+//! connection cap and a clone of one "done" sender: when the last clone is gone, every
+//! connection has finished and the drain is complete. While draining, new connections still
+//! take a permit (or are closed at once), so a drain never holds more than the cap either.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,11 +19,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout, timeout_at};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::close::Refusal;
 use crate::gateway::{Gateway, Phase};
+use crate::handshaking::HandshakeSlot;
 use crate::http::{self, ReadError};
 use crate::policy::compile::MAX_RECONNECT_WINDOW;
 use crate::policy::{ConnLimits, Limit};
@@ -29,14 +33,12 @@ use crate::tls::Tls;
 use crate::ws::WebSocket;
 use crate::{admin, decisions, handshake};
 
-/// A client must send its whole upgrade request within this time.
+/// A client must finish TLS and send its whole upgrade request within this time of being
+/// accepted.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer per connection. tungstenite's default (128 KiB) would cost that much per idle
 /// connection; messages larger than this still arrive, in several reads.
 pub const READ_BUFFER_BYTES: usize = 1024;
-/// Connections one address may have in their handshake at once; more are closed unanswered.
-/// Authenticated connections are limited by the policy's `max_per_ip` instead.
-pub const MAX_HANDSHAKING_PER_IP: u64 = 128;
 /// How often emptied reconnect windows are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How long writing a refusal may take.
@@ -60,11 +62,19 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// TLS for the public listener (`wss://`); `None` serves plaintext.
     pub tls: Option<Arc<Tls>>,
+    /// Most connections in their handshake at once, over every address; more are closed at
+    /// once (see [`crate::handshaking`]).
+    pub max_handshakes: usize,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { max_connections: 50_000, drain_timeout: Duration::from_secs(10), tls: None }
+        ServeOptions {
+            max_connections: 50_000,
+            drain_timeout: Duration::from_secs(10),
+            tls: None,
+            max_handshakes: crate::handshaking::DEFAULT_MAX_TOTAL,
+        }
     }
 }
 
@@ -78,6 +88,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let cap = Arc::new(Semaphore::new(options.max_connections));
+    gw.handshaking.set_max_total(options.max_handshakes);
     let admin = tokio::spawn(admin::serve(listeners.admin, gw.clone()));
     let sweeper = tokio::spawn(sweep(gw.clone()));
     let spike = tokio::spawn(watch_spikes(gw.clone()));
@@ -116,7 +127,13 @@ pub async fn serve(
                 break;
             }
             (stream, peer) = accept(&listeners.ws) => {
-                tokio::spawn(connection(stream, peer, gw.clone(), options.tls.clone()));
+                // Answered 503 (after TLS), within the same cap as ever; past it, closed at once.
+                let Ok(permit) = cap.clone().try_acquire_owned() else { continue };
+                let (gw, tls) = (gw.clone(), options.tls.clone());
+                tokio::spawn(async move {
+                    connection(stream, peer, gw, tls).await;
+                    drop(permit);
+                });
             }
         }
     }
@@ -171,20 +188,32 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
-/// One accepted TCP connection, plaintext or TLS. The TLS path is boxed: its state (rustls and
-/// the TLS stream) would otherwise size the task of every plaintext connection too.
+/// One accepted TCP connection, plaintext or TLS: its place among the handshakes is taken
+/// before anything is read. The TLS path is boxed: its state (rustls and the TLS stream) would
+/// otherwise size the task of every plaintext connection too.
 pub async fn connection(stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, tls: Option<Arc<Tls>>) {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let Some(slot) = handshake_slot(&gw, peer) else { return };
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     match tls {
-        None => handle(stream, peer, gw).await,
-        Some(tls) => Box::pin(handle_tls(stream, peer, gw, &tls)).await,
+        None => upgrade_and_serve(stream, peer, gw, slot, deadline).await,
+        Some(tls) => Box::pin(handle_tls(stream, peer, gw, &tls, slot, deadline)).await,
     }
 }
 
-/// One accepted connection on a TLS listener: the TLS handshake (bounded by the same deadline
-/// as the request), then [`handle`]. A failed TLS handshake is counted and logged, nothing more.
-pub async fn handle_tls(stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, tls: &Tls) {
-    match timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
-        Ok(Ok(stream)) => handle(stream, peer, gw).await,
+/// The TLS handshake of a connection on a TLS listener (by `deadline`, which the request head
+/// shares), then the WebSocket handshake. A failed TLS handshake is counted and logged,
+/// nothing more.
+async fn handle_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    gw: Arc<Gateway>,
+    tls: &Tls,
+    slot: HandshakeSlot,
+    deadline: Instant,
+) {
+    match timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => upgrade_and_serve(stream, peer, gw, slot, deadline).await,
         Ok(Err(e)) => {
             gw.metrics.tls_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(ip = %peer.ip(), error = %e, "TLS handshake failed");
@@ -196,29 +225,47 @@ pub async fn handle_tls(stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, t
     }
 }
 
-/// One accepted connection: handshake, then the session or a refusal.
+/// A connection's place among the handshakes in progress, or `None` (it is then closed
+/// unanswered): its address or the whole server is at its cap.
+fn handshake_slot(gw: &Gateway, peer: SocketAddr) -> Option<HandshakeSlot> {
+    let slot = gw.handshaking.acquire(peer.ip());
+    if slot.is_none() {
+        tracing::debug!(ip = %peer.ip(), "too many handshakes in progress: closed unanswered");
+    }
+    slot
+}
+
+/// One connection over any stream (in-process tests use this): handshake, then the session or
+/// a refusal. The handshake place is taken here.
 pub async fn handle<S>(stream: S, peer: SocketAddr, gw: Arc<Gateway>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    // The handshake's state is boxed, so it is freed when the session starts instead of
-    // sizing the task of every long-lived connection.
-    if let Some(session) = Box::pin(handshake(stream, peer, gw)).await {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let Some(slot) = handshake_slot(&gw, peer) else { return };
+    upgrade_and_serve(stream, peer, gw, slot, Instant::now() + HANDSHAKE_TIMEOUT).await;
+}
+
+/// The WebSocket handshake, then the session. The handshake's state is boxed, so it is freed
+/// when the session starts instead of sizing the task of every long-lived connection; so is
+/// the handshake place.
+async fn upgrade_and_serve<S>(stream: S, peer: SocketAddr, gw: Arc<Gateway>, slot: HandshakeSlot, deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let session = Box::pin(handshake(stream, peer, gw, deadline)).await;
+    drop(slot);
+    if let Some(session) = session {
         session.run().await;
     }
 }
 
 /// Reads and checks the upgrade request; answers a refusal, or upgrades and opens the session.
-async fn handshake<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>) -> Option<Box<Session<S>>>
+async fn handshake<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>, deadline: Instant) -> Option<Box<Session<S>>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    let Some(_handshaking) = gw.handshaking.acquire(peer.ip(), MAX_HANDSHAKING_PER_IP) else {
-        tracing::debug!(ip = %peer.ip(), "too many handshakes in progress from this address");
-        return None;
-    };
-    let mut request = match http::read_request(&mut stream, HANDSHAKE_TIMEOUT).await {
+    let mut request = match http::read_request(&mut stream, deadline.saturating_duration_since(Instant::now())).await {
         Ok(r) => r,
         Err(ReadError::TooLarge) => {
             let _ = timeout(

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Most connections held at once.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
+    /// Most connections still in their handshake (TLS and the upgrade request) at once, over
+    /// every address; more are closed unanswered.
+    #[arg(long, env = "WSGATE_MAX_HANDSHAKES", default_value_t = crate::handshaking::DEFAULT_MAX_TOTAL)]
+    pub max_handshakes: usize,
 }
 
 /// How log lines look.
@@ -219,7 +223,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
             }
         };
         let serve_options =
-            ServeOptions { max_connections: args.max_connections, drain_timeout: args.drain_timeout, tls };
+            ServeOptions {
+                max_connections: args.max_connections,
+                drain_timeout: args.drain_timeout,
+                tls,
+                max_handshakes: args.max_handshakes,
+            };
         match server::serve(Listeners { ws, admin }, gw, serve_options, shutdown).await {
             Ok(()) => {
                 tracing::info!("stopped");

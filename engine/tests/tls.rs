@@ -105,7 +105,10 @@ fn wait_for_log(log: &mpsc::Receiver<String>, text: &str) {
 
 /// Connects over TLS and returns the server certificate's DER and the welcome frame.
 async fn wss_welcome(pki: &Pki, addr: &str) -> (Vec<u8>, serde_json::Value) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    wss_welcome_over(pki, tokio::net::TcpStream::connect(addr).await.unwrap()).await
+}
+
+async fn wss_welcome_over(pki: &Pki, tcp: tokio::net::TcpStream) -> (Vec<u8>, serde_json::Value) {
     let tls = pki.connector().connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
     let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     let token =
@@ -162,6 +165,40 @@ async fn wss_with_a_generated_certificate_rotated_on_sighup() {
     wait_for_log(&log, "the TLS certificate could not be re-read");
     let (_, welcome) = wss_welcome(&pki, &ws).await;
     assert_eq!(welcome["type"], "welcome");
+    stop(child);
+}
+
+/// Idle sockets from one address are under the per-address handshake cap before their TLS
+/// handshake starts: they cannot hold every `--max-connections` slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_with_600_idle_sockets_does_not_lock_out_another_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "caps");
+    let mut cmd = serve_tls(dir.path(), "127.0.0.1:0");
+    cmd.args(["--max-connections", "400"]).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ws = line.split_whitespace().nth(2).unwrap().strip_prefix("ws=").unwrap().to_string();
+    // 600 sockets from 127.0.0.1 that never send a byte, opened at once. What the server does
+    // not accept waits in the listen backlog; wait until 500 are connected.
+    let idle: Vec<_> = (0..600).map(|_| tokio::spawn(tokio::net::TcpStream::connect(ws.clone()))).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while idle.iter().filter(|c| c.is_finished()).count() < 500 {
+        assert!(tokio::time::Instant::now() < deadline, "the idle sockets could not connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = tokio::time::Instant::now();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let other = socket.connect(ws.parse().unwrap());
+    let welcome =
+        tokio::time::timeout(Duration::from_secs(2), async { wss_welcome_over(&pki, other.await.unwrap()).await });
+    let (_, welcome) = welcome.await.expect("the other client connected within 2 s");
+    assert_eq!(welcome["type"], "welcome");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    idle.iter().for_each(|c| c.abort());
     stop(child);
 }
 
