@@ -283,3 +283,35 @@ fn a_key_file_that_is_a_fifo_is_refused_without_blocking() {
     let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: key.pem\n");
     refused(&copy, &format!("policy.yaml:{line}:"), "not a regular file");
 }
+
+#[test]
+fn an_allowed_algorithm_that_no_key_can_verify_is_an_error() {
+    let copy = PolicyCopy::new();
+    // RSA keys only, but ES256 allowed too.
+    let jwks = std::fs::read_to_string(default_policy_dir().join("examples/rs256-jwks/jwks.json")).unwrap();
+    copy.write("jwks.json", &jwks);
+    let line = copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256, ES256]");
+    copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    jwks_file: jwks.json\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.algorithms: ES256 is allowed, but no key");
+}
+
+#[test]
+fn a_jwk_that_names_its_alg_serves_only_that_algorithm() {
+    let copy = PolicyCopy::new();
+    // Both keys say `"alg": "RS256"`, so nothing is left to verify RS512.
+    let jwks = std::fs::read_to_string(default_policy_dir().join("examples/rs256-jwks/jwks.json")).unwrap();
+    copy.write("jwks.json", &jwks);
+    let line = copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256, RS512]");
+    copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    jwks_file: jwks.json\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.algorithms: RS512 is allowed, but no key");
+}
+
+#[test]
+fn one_public_key_file_for_algorithms_of_two_families_is_an_error() {
+    let copy = PolicyCopy::new();
+    let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem();
+    copy.write("key.pem", &pem);
+    copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256, ES256]");
+    let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: key.pem\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.public_key_file: one public key cannot serve");
+}
