@@ -334,6 +334,13 @@ const RSA_TEST_KEY: &str = include_str!("keys/rsa-2048-test-only.pem");
 /// (`kid` e1), and the two private keys. The directory holding the JWKS lives as long as the
 /// returned guard.
 fn rsa_and_ec_jwks() -> (Arc<Policy>, jsonwebtoken::EncodingKey, jsonwebtoken::EncodingKey, tempfile::TempDir) {
+    rsa_and_ec_jwks_with_kids("r1", "e1")
+}
+
+fn rsa_and_ec_jwks_with_kids(
+    rsa_kid: &str,
+    ec_kid: &str,
+) -> (Arc<Policy>, jsonwebtoken::EncodingKey, jsonwebtoken::EncodingKey, tempfile::TempDir) {
     use jsonwebtoken::jwk::{Jwk, JwkSet};
     use jsonwebtoken::{Algorithm, EncodingKey};
     let rsa = EncodingKey::from_rsa_pem(RSA_TEST_KEY.as_bytes()).unwrap();
@@ -344,7 +351,7 @@ fn rsa_and_ec_jwks() -> (Arc<Policy>, jsonwebtoken::EncodingKey, jsonwebtoken::E
         jwk.common.key_id = Some(kid.into());
         jwk
     };
-    let set = JwkSet { keys: vec![jwk(&rsa, Algorithm::RS256, "r1"), jwk(&ec, Algorithm::ES256, "e1")] };
+    let set = JwkSet { keys: vec![jwk(&rsa, Algorithm::RS256, rsa_kid), jwk(&ec, Algorithm::ES256, ec_kid)] };
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, serde_json::to_string(&set).unwrap()).unwrap();
@@ -380,4 +387,13 @@ fn a_token_naming_a_key_of_another_family_is_refused() {
     assert_eq!(p.auth.jwt.verify(&signed(RS256, "e1", &rsa)), Err(TokenError::WrongAlgorithm), "RS256 with the EC kid");
     assert_eq!(p.auth.jwt.verify(&signed(ES256, "r1", &ec)), Err(TokenError::WrongAlgorithm), "ES256 with the RSA kid");
     assert_eq!(p.auth.jwt.verify(&signed(RS256, "nope", &rsa)), Err(TokenError::UnknownKey));
+}
+
+#[test]
+fn keys_of_two_families_may_share_a_kid() {
+    // RFC 7517 §4.5: keys of different types in one set may share a `kid`.
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    let (p, rsa, ec, _dir) = rsa_and_ec_jwks_with_kids("k", "k");
+    assert!(p.auth.jwt.verify(&signed(RS256, "k", &rsa)).is_ok(), "RS256 token, kid shared");
+    assert!(p.auth.jwt.verify(&signed(ES256, "k", &ec)).is_ok(), "ES256 token, kid shared");
 }

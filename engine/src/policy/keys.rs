@@ -119,8 +119,16 @@ impl JwtVerifier {
             KeySet::Secret(key) | KeySet::Public(key) => (key, &self.validation),
             KeySet::Jwks(keys) => {
                 let entry = match (&header.kid, keys.as_slice()) {
+                    // Keys of different families may share a `kid` (RFC 7517 §4.5): take the one
+                    // that may verify the token's `alg`.
                     (Some(kid), _) => {
-                        keys.iter().find(|k| k.kid.as_deref() == Some(kid)).ok_or(TokenError::UnknownKey)?
+                        let mut named = keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).peekable();
+                        if named.peek().is_none() {
+                            return Err(TokenError::UnknownKey);
+                        }
+                        named
+                            .find(|k| k.validation.algorithms.contains(&header.alg))
+                            .ok_or(TokenError::WrongAlgorithm)?
                     }
                     (None, [only]) => only,
                     (None, _) => return Err(TokenError::UnknownKey),
