@@ -283,3 +283,71 @@ fn a_key_file_that_is_a_fifo_is_refused_without_blocking() {
     let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: key.pem\n");
     refused(&copy, &format!("policy.yaml:{line}:"), "not a regular file");
 }
+
+#[test]
+fn an_allowed_algorithm_that_no_key_can_verify_is_an_error() {
+    let copy = PolicyCopy::new();
+    // RSA keys only, but ES256 allowed too.
+    let jwks = std::fs::read_to_string(default_policy_dir().join("examples/rs256-jwks/jwks.json")).unwrap();
+    copy.write("jwks.json", &jwks);
+    let line = copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256, ES256]");
+    copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    jwks_file: jwks.json\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.algorithms: ES256 is allowed, but no key");
+}
+
+#[test]
+fn a_jwk_that_names_its_alg_serves_only_that_algorithm() {
+    let copy = PolicyCopy::new();
+    // Both keys say `"alg": "RS256"`, so nothing is left to verify RS512.
+    let jwks = std::fs::read_to_string(default_policy_dir().join("examples/rs256-jwks/jwks.json")).unwrap();
+    copy.write("jwks.json", &jwks);
+    let line = copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256, RS512]");
+    copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    jwks_file: jwks.json\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.algorithms: RS512 is allowed, but no key");
+}
+
+#[test]
+fn one_public_key_file_for_algorithms_of_two_families_is_an_error() {
+    let copy = PolicyCopy::new();
+    let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().public_key_pem();
+    copy.write("key.pem", &pem);
+    copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256, ES256]");
+    let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: key.pem\n");
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.public_key_file: one public key cannot serve");
+}
+
+const COOKIE_SOURCES: (&str, &str) = (
+    "token_sources: [query:token, header:authorization, subprotocol]",
+    "token_sources: [header:authorization, cookie:session_cookie_name]",
+);
+
+#[test]
+fn a_cookie_token_source_with_any_origin_is_an_error() {
+    let copy = PolicyCopy::new();
+    copy.replace("policy.yaml", COOKIE_SOURCES.0, COOKIE_SOURCES.1);
+    let line = copy.replace("policy.yaml", "  allowed: [\"*\"]\n", "  allowed: [\"*\"]\n");
+    let stderr =
+        refused(&copy, &format!("policy.yaml:{line}:13: origins.allowed[0]:"), "cross-site WebSocket hijacking");
+    assert!(!stderr.contains("session_cookie_name"), "a value from the file is quoted:\n{stderr}");
+}
+
+#[test]
+fn a_cookie_token_source_with_the_default_origins_is_an_error() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace("policy.yaml", COOKIE_SOURCES.0, COOKIE_SOURCES.1);
+    copy.replace("policy.yaml", "origins:\n  allowed: [\"*\"]\n", "");
+    refused(&copy, &format!("policy.yaml:{line}:41: auth.token_sources[1]:"), "cross-site WebSocket hijacking");
+}
+
+#[test]
+fn a_cookie_token_source_with_an_origin_list_checks() {
+    let copy = PolicyCopy::new();
+    copy.replace("policy.yaml", COOKIE_SOURCES.0, COOKIE_SOURCES.1);
+    copy.replace(
+        "policy.yaml",
+        "  allowed: [\"*\"]\n",
+        "  allowed: [\"https://app.example.com\", \"https://*.example.org\"]\n",
+    );
+    let (code, stdout, stderr) = wsgate(&["policy", "check", copy.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}

@@ -326,3 +326,74 @@ fn a_configured_issuer_audience_or_custom_claim_must_be_present() {
     assert_eq!(p.auth.jwt.verify(&mint(&[("iss", "https://evil/"), all[1], all[2]])), Err(TokenError::WrongIssuer));
     assert_eq!(p.auth.jwt.verify(&mint(&[all[0], ("aud", "other"), all[2]])), Err(TokenError::WrongAudience));
 }
+
+/// A fixed RSA key for tests only: the `ring` backend of rcgen cannot generate RSA keys.
+const RSA_TEST_KEY: &str = include_str!("keys/rsa-2048-test-only.pem");
+
+/// A policy allowing RS256 and ES256 over a JWKS with one RSA key (`kid` r1) and one EC key
+/// (`kid` e1), and the two private keys. The directory holding the JWKS lives as long as the
+/// returned guard.
+fn rsa_and_ec_jwks() -> (Arc<Policy>, jsonwebtoken::EncodingKey, jsonwebtoken::EncodingKey, tempfile::TempDir) {
+    rsa_and_ec_jwks_with_kids("r1", "e1")
+}
+
+fn rsa_and_ec_jwks_with_kids(
+    rsa_kid: &str,
+    ec_kid: &str,
+) -> (Arc<Policy>, jsonwebtoken::EncodingKey, jsonwebtoken::EncodingKey, tempfile::TempDir) {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let rsa = EncodingKey::from_rsa_pem(RSA_TEST_KEY.as_bytes()).unwrap();
+    let ec_pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
+    let ec = EncodingKey::from_ec_pem(ec_pem.as_bytes()).unwrap();
+    let jwk = |key: &EncodingKey, alg: Algorithm, kid: &str| {
+        let mut jwk = Jwk::from_encoding_key(key, alg).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        jwk
+    };
+    let set = JwkSet { keys: vec![jwk(&rsa, Algorithm::RS256, rsa_kid), jwk(&ec, Algorithm::ES256, ec_kid)] };
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::to_string(&set).unwrap()).unwrap();
+    let p = policy(&format!(
+        "version: 1\nauth:\n  token_sources: [header:authorization]\n  jwt:\n    algorithms: [RS256, ES256]\n    secret_env: null\n    jwks_file: {}\n",
+        jwks.display()
+    ));
+    (p, rsa, ec, dir)
+}
+
+fn signed(alg: jsonwebtoken::Algorithm, kid: &str, key: &jsonwebtoken::EncodingKey) -> String {
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.into());
+    let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 60;
+    jsonwebtoken::encode(&header, &json!({"sub": "alice", "exp": exp}), key).unwrap()
+}
+
+#[test]
+fn a_jwks_with_rsa_and_ec_keys_accepts_both_kinds_of_token() {
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    let (p, rsa, ec, _dir) = rsa_and_ec_jwks();
+    let rs = p.auth.jwt.verify(&signed(RS256, "r1", &rsa));
+    assert_eq!(rs.map(|c| c["sub"].clone()), Ok(json!("alice")), "RS256 token with the RSA key's kid");
+    let es = p.auth.jwt.verify(&signed(ES256, "e1", &ec));
+    assert_eq!(es.map(|c| c["sub"].clone()), Ok(json!("alice")), "ES256 token with the EC key's kid");
+}
+
+#[test]
+fn a_token_naming_a_key_of_another_family_is_refused() {
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    use wsgate::policy::keys::TokenError;
+    let (p, rsa, ec, _dir) = rsa_and_ec_jwks();
+    assert_eq!(p.auth.jwt.verify(&signed(RS256, "e1", &rsa)), Err(TokenError::WrongAlgorithm), "RS256 with the EC kid");
+    assert_eq!(p.auth.jwt.verify(&signed(ES256, "r1", &ec)), Err(TokenError::WrongAlgorithm), "ES256 with the RSA kid");
+    assert_eq!(p.auth.jwt.verify(&signed(RS256, "nope", &rsa)), Err(TokenError::UnknownKey));
+}
+
+#[test]
+fn keys_of_two_families_may_share_a_kid() {
+    // RFC 7517 §4.5: keys of different types in one set may share a `kid`.
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    let (p, rsa, ec, _dir) = rsa_and_ec_jwks_with_kids("k", "k");
+    assert!(p.auth.jwt.verify(&signed(RS256, "k", &rsa)).is_ok(), "RS256 token, kid shared");
+    assert!(p.auth.jwt.verify(&signed(ES256, "k", &ec)).is_ok(), "ES256 token, kid shared");
+}

@@ -167,6 +167,7 @@ impl<'a> Compiler<'a> {
         let message_policy = self.messages(messages.file, messages_v, &schemas);
         let auth_policy = self.auth(auth.file, auth_v);
         let origin_policy = self.origins(origins.file, origins_v);
+        self.cookies_need_listed_origins(auth.file, auth_v, origins.file, origins_v);
         let connection_policy = self.connections(connections.file, connections_v);
 
         let content_hash = self.content_hash();
@@ -555,6 +556,37 @@ impl<'a> Compiler<'a> {
             }
         }
         Some(OriginPolicy { allowed, require_https: o.require_https, require_origin: o.require_origin })
+    }
+
+    /// SPEC §9: a `cookie:` token source next to an origin list that allows any origin is
+    /// refused. Browsers attach cookies to cross-site WebSocket handshakes, so any web page a
+    /// user visits could connect as that user (cross-site WebSocket hijacking). The error
+    /// points at the written `"*"`, or at the cookie source when the origins are the default.
+    /// It names no value from the file (the cookie's name may say something about the site).
+    fn cookies_need_listed_origins(
+        &mut self,
+        auth_file: &str,
+        a: &AuthSection,
+        origins_file: &str,
+        o: &OriginsSection,
+    ) {
+        let is_cookie = |s: &Located<String>| matches!(parse_token_source(&s.value), Ok(TokenSource::Cookie(_)));
+        let is_any = |p: &Located<String>| matches!(parse_origin_pattern(&p.value), Ok(OriginPattern::Any));
+        let (Some((i, cookie)), Some((j, any))) = (
+            a.token_sources.iter().enumerate().find(|(_, s)| is_cookie(s)),
+            o.allowed.iter().enumerate().find(|(_, p)| is_any(p)),
+        ) else {
+            return;
+        };
+        const WHY: &str = "browsers send cookies with cross-site WebSocket handshakes, so any web site could connect \
+                           as your users (cross-site WebSocket hijacking); list the allowed origins instead";
+        if any.line > 0 {
+            let message = format!("any origin is allowed, but auth.token_sources has a cookie source: {WHY}");
+            self.error(origins_file, &format!("origins.allowed[{j}]"), any, message);
+        } else {
+            let message = format!("a cookie source needs origins.allowed, which by default allows any origin: {WHY}");
+            self.error(auth_file, &format!("auth.token_sources[{i}]"), cookie, message);
+        }
     }
 
     fn connections(&mut self, file: &str, c: &ConnectionsSection) -> Option<ConnectionPolicy> {

@@ -4,6 +4,11 @@
 //! refuses the policy instead of every handshake. HMAC and public-key algorithms never mix in
 //! one policy: a verifier that accepts HS256 next to a public key is the classic algorithm
 //! confusion (an attacker signs with the public key as an HMAC secret).
+//!
+//! Public-key families (RSA, EC, Ed) may mix in one JWKS, but every key verifies only the
+//! algorithms of its own family that the policy allows (and, when the JWK names one, only its
+//! `alg`): a token naming an EC key with an RS256 header is refused before any signature check.
+//! Every allowed algorithm must have a key that can verify it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -23,7 +28,18 @@ pub enum KeySet {
     /// One public key from a PEM file.
     Public(DecodingKey),
     /// A JWKS: tokens name their key with `kid`; a set of one key also serves tokens without.
-    Jwks(Vec<(Option<String>, DecodingKey)>),
+    Jwks(Vec<JwksKey>),
+}
+
+/// One key of a JWKS with the settings it verifies under.
+pub struct JwksKey {
+    /// The JWK's `kid`, which a token names in its header.
+    pub kid: Option<String>,
+    /// The public key.
+    pub key: DecodingKey,
+    /// The policy's validation narrowed to this key's algorithms: jsonwebtoken refuses a key
+    /// when any listed algorithm is of another family, and a key must never be tried with one.
+    pub validation: Validation,
 }
 
 impl fmt::Debug for KeySet {
@@ -99,17 +115,32 @@ impl JwtVerifier {
         if !self.validation.algorithms.contains(&header.alg) {
             return Err(TokenError::WrongAlgorithm);
         }
-        let key = match &self.keys {
-            KeySet::Secret(key) | KeySet::Public(key) => key,
-            KeySet::Jwks(keys) => match (&header.kid, keys.as_slice()) {
-                (Some(kid), _) => {
-                    &keys.iter().find(|(k, _)| k.as_deref() == Some(kid)).ok_or(TokenError::UnknownKey)?.1
-                }
-                (None, [(_, only)]) => only,
-                (None, _) => return Err(TokenError::UnknownKey),
-            },
+        let (key, validation) = match &self.keys {
+            KeySet::Secret(key) | KeySet::Public(key) => (key, &self.validation),
+            KeySet::Jwks(keys) => {
+                let entry = match (&header.kid, keys.as_slice()) {
+                    // Keys of different families may share a `kid` (RFC 7517 §4.5): take the one
+                    // that may verify the token's `alg`.
+                    (Some(kid), _) => {
+                        let mut named = keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).peekable();
+                        if named.peek().is_none() {
+                            return Err(TokenError::UnknownKey);
+                        }
+                        named
+                            .find(|k| k.validation.algorithms.contains(&header.alg))
+                            .ok_or(TokenError::WrongAlgorithm)?
+                    }
+                    (None, [only]) => only,
+                    (None, _) => return Err(TokenError::UnknownKey),
+                };
+                (&entry.key, &entry.validation)
+            }
         };
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation).map_err(classify)?;
+        // The key's own family and `alg` decide, not the policy's whole list.
+        if !validation.algorithms.contains(&header.alg) {
+            return Err(TokenError::WrongAlgorithm);
+        }
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, validation).map_err(classify)?;
         let Some(claims) = data.claims.as_object() else {
             return Err(TokenError::Malformed);
         };
@@ -196,6 +227,28 @@ pub fn load(
     if any_hmac && any_public {
         return Err((KeyField::Algorithms, "HMAC (HS*) and public-key algorithms cannot be mixed: a verifier that accepts both is open to algorithm confusion".into()));
     }
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms;
+    validation.leeway = settings.leeway_secs;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let (spec, custom): (Vec<&String>, Vec<&String>) =
+        settings.required_claims.iter().partition(|c| SPEC_CLAIMS.contains(&c.as_str()));
+    let mut required: HashSet<String> = spec.into_iter().cloned().collect();
+    // A configured issuer or audience must also be present: jsonwebtoken alone only refuses a
+    // token whose `iss`/`aud` differs, and would accept one that carries none.
+    if let Some(iss) = settings.issuer {
+        validation.set_issuer(&[iss]);
+        required.insert("iss".into());
+    }
+    match settings.audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.insert("aud".into());
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.required_spec_claims = required;
     let keys = if any_hmac {
         if settings.public_key_file.is_some() {
             return Err((KeyField::PublicKeyFile, "an HMAC algorithm is never allowed with a public key".into()));
@@ -236,55 +289,57 @@ pub fn load(
             }
             (Some(path), None) => {
                 let pem = read_file(path).map_err(|e| (KeyField::PublicKeyFile, e))?;
-                KeySet::Public(pem_key(&algorithms, &pem).map_err(|e| (KeyField::PublicKeyFile, e))?)
+                KeySet::Public(pem_key(&validation.algorithms, &pem).map_err(|e| (KeyField::PublicKeyFile, e))?)
             }
             (None, Some(path)) => {
                 let text = read_file(path).map_err(|e| (KeyField::JwksFile, e))?;
                 let set: JwkSet =
                     serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, format!("not a JWKS: {e}")))?;
-                let mut keys = Vec::new();
-                for (i, jwk) in set.keys.iter().enumerate() {
-                    let key =
-                        DecodingKey::from_jwk(jwk).map_err(|e| (KeyField::JwksFile, format!("unusable key: {e}")))?;
-                    if !algorithms.iter().any(|a| a.family() == key.family()) {
-                        let kid = jwk.common.key_id.as_deref().unwrap_or("no kid");
-                        return Err((
-                            KeyField::JwksFile,
-                            format!("key {i} ({kid}) fits none of the policy's algorithms"),
-                        ));
-                    }
-                    keys.push((jwk.common.key_id.clone(), key));
-                }
-                if keys.is_empty() {
-                    return Err((KeyField::JwksFile, "the JWKS holds no keys".into()));
-                }
-                KeySet::Jwks(keys)
+                KeySet::Jwks(jwks_keys(&set, &validation)?)
             }
         }
     };
-    let mut validation = Validation::new(algorithms[0]);
-    validation.algorithms = algorithms;
-    validation.leeway = settings.leeway_secs;
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
-    let (spec, custom): (Vec<&String>, Vec<&String>) =
-        settings.required_claims.iter().partition(|c| SPEC_CLAIMS.contains(&c.as_str()));
-    let mut required: HashSet<String> = spec.into_iter().cloned().collect();
-    // A configured issuer or audience must also be present: jsonwebtoken alone only refuses a
-    // token whose `iss`/`aud` differs, and would accept one that carries none.
-    if let Some(iss) = settings.issuer {
-        validation.set_issuer(&[iss]);
-        required.insert("iss".into());
-    }
-    match settings.audience {
-        Some(aud) => {
-            validation.set_audience(&[aud]);
-            required.insert("aud".into());
-        }
-        None => validation.validate_aud = false,
-    }
-    validation.required_spec_claims = required;
     Ok(JwtVerifier { keys, validation, required_custom: custom.into_iter().cloned().collect() })
+}
+
+/// Each JWK with the policy's validation narrowed to the algorithms it may verify: those of
+/// its family and, when the JWK names one (RFC 7517 `alg`), only that one. Every allowed
+/// algorithm must be left to some key, or tokens of it could never verify.
+fn jwks_keys(set: &JwkSet, validation: &Validation) -> Result<Vec<JwksKey>, (KeyField, String)> {
+    let mut keys = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| (KeyField::JwksFile, format!("unusable key: {e}")))?;
+        let declared = jwk.common.key_algorithm.map(Algorithm::try_from);
+        let algorithms: Vec<Algorithm> = validation
+            .algorithms
+            .iter()
+            .copied()
+            .filter(|a| a.family() == key.family())
+            .filter(|a| match &declared {
+                None => true,
+                Some(Ok(d)) => d == a,
+                Some(Err(_)) => false,
+            })
+            .collect();
+        if algorithms.is_empty() {
+            let kid = jwk.common.key_id.as_deref().unwrap_or("no kid");
+            return Err((KeyField::JwksFile, format!("key {i} ({kid}) fits none of the policy's algorithms")));
+        }
+        let mut narrowed = validation.clone();
+        narrowed.algorithms = algorithms;
+        keys.push(JwksKey { kid: jwk.common.key_id.clone(), key, validation: narrowed });
+    }
+    if keys.is_empty() {
+        return Err((KeyField::JwksFile, "the JWKS holds no keys".into()));
+    }
+    if let Some(alg) = validation.algorithms.iter().find(|a| !keys.iter().any(|k| k.validation.algorithms.contains(a)))
+    {
+        return Err((
+            KeyField::Algorithms,
+            format!("{alg:?} is allowed, but no key in the JWKS can verify it: remove it, or add a key for it"),
+        ));
+    }
+    Ok(keys)
 }
 
 fn pem_key(algorithms: &[Algorithm], pem: &[u8]) -> Result<DecodingKey, String> {

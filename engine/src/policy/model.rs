@@ -183,7 +183,8 @@ pub struct TypeAllowRule {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     /// Where the token is looked for, in order: `query:NAME`, `header:authorization`,
-    /// `cookie:NAME`, `subprotocol`.
+    /// `cookie:NAME`, `subprotocol`. A `cookie:` source needs a list of allowed origins
+    /// (`origins.allowed` without `"*"`).
     pub token_sources: Vec<Located<String>>,
     /// How tokens are verified.
     pub jwt: Located<JwtSection>,
@@ -198,7 +199,8 @@ pub struct AuthSection {
 impl Default for AuthSection {
     fn default() -> Self {
         AuthSection {
-            token_sources: ["query:token", "header:authorization", "cookie:wsgate_token", "subprotocol"]
+            // No cookie: the default origins allow any, and cookies need a list (SPEC §9).
+            token_sources: ["query:token", "header:authorization", "subprotocol"]
                 .into_iter()
                 .map(|s| unlocated(s.to_string()))
                 .collect(),
