@@ -2,7 +2,14 @@
 //! listener, never the public one. Calls that change state need
 //! `Authorization: Bearer $WSGATE_ADMIN_TOKEN`, compared in constant time; when the variable is
 //! unset they answer 403.
+//!
+//! It serves at most [`MAX_CONNECTIONS`] connections at once (more wait to be accepted), each
+//! within [`REQUEST_TIMEOUT`] per read and [`CONNECTION_DEADLINE`] in all. Bound to a loopback
+//! address, it answers only requests whose `Host` is a loopback name: a web page whose own
+//! name an attacker points at 127.0.0.1 (DNS rebinding) would otherwise read `/metrics` and
+//! `/v1/policy` from the operator's browser.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +17,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::broker::Delivery;
 use crate::close::CloseCode;
@@ -21,14 +29,40 @@ use crate::reload::{Outcome, Trigger};
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Longest channel name the admin API publishes to.
 pub const MAX_CHANNEL_LEN: usize = 256;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head, and then its body.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one admin connection is served, from accept to the end of its answer.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// Most admin connections served at once. Further ones wait in the listen backlog and are
+/// served as slots free up: a burst of scrapes and probes is delayed, not refused, and idle
+/// connections cannot exhaust the process's memory or file descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Which `Host` headers the listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hosts {
+    /// Any: the listener is reachable from elsewhere, and is named as the operator chose.
+    Any,
+    /// Loopback names and addresses only: the listener is bound to loopback.
+    Loopback,
+}
 
 /// Serves admin requests until the task is aborted.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    let hosts = match listener.local_addr() {
+        Ok(addr) if addr.ip().is_loopback() => Hosts::Loopback,
+        _ => Hosts::Any,
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = slots.clone().acquire_owned().await.expect("the admin slots are never closed");
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, gw.clone()));
+                let gw = gw.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CONNECTION_DEADLINE, serve_connection(stream, gw, hosts)).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -36,6 +70,22 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
             }
         }
     }
+}
+
+/// Whether `host` (a `Host` header: name or address, with or without a port) names this
+/// machine's loopback interface: `localhost`, `127.0.0.0/8` or `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    let port_ok = |p: &str| p.is_empty() || p.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((addr, port)) = rest.split_once(']') else { return false };
+        return port_ok(port) && addr.parse::<Ipv6Addr>().is_ok_and(|a| a.to_canonical().is_loopback());
+    }
+    let name = match host.split_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok_and(|a| a.is_loopback())
 }
 
 /// An admin answer.
@@ -52,10 +102,22 @@ fn error(status: u16, error: &str, reason: &str) -> Reply {
     reply(status, json!({"error": error, "reason": reason}))
 }
 
-/// One admin connection: one request, one response.
-pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Gateway>) {
+/// One admin connection: one request, one response, whatever its `Host` (for callers that
+/// are not a listener; [`serve`] checks it).
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, gw: Arc<Gateway>) {
+    serve_connection(stream, gw, Hosts::Any).await;
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: Arc<Gateway>, hosts: Hosts) {
     let Ok(request) = http::read_request(&mut stream, REQUEST_TIMEOUT).await else { return };
+    let host_ok = hosts == Hosts::Any || request.header("host").is_some_and(|h| is_loopback_host(h.trim()));
     let reply = match (request.method.as_str(), request.path.as_str()) {
+        // Never echoes the Host it refuses.
+        _ if !host_ok => error(
+            421,
+            "misdirected_request",
+            "this listener is on loopback and answers only Host localhost, 127.0.0.1 or [::1]",
+        ),
         ("GET", "/healthz") => reply(200, json!({"status": "ok"})),
         ("GET", "/metrics") => {
             let text = gw.metrics.render();
@@ -230,6 +292,34 @@ async fn disconnect(gw: &Gateway, body: &[u8]) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_loopback_names_and_addresses() {
+        for host in
+            ["localhost", "LOCALHOST:9090", "127.0.0.1", "127.0.0.1:9090", "127.255.0.9:1", "[::1]", "[::1]:9090"]
+        {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example",
+            "evil.example:9090",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1:9090",
+            "0.0.0.0",
+            "[::2]",
+            "[::1",
+            "[::1]9090",
+            "[::1]:x",
+            "localhost:",
+            "localhost:99999",
+            "localhost:9090:1",
+            "::1",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn constant_time_comparison_is_equality() {

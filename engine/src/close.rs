@@ -88,6 +88,24 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every code the server sends, for documentation and metrics.
+    pub const ALL: [CloseCode; 14] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::ProtocolError,
+        CloseCode::Unsupported,
+        CloseCode::InvalidPayload,
+        CloseCode::PolicyViolation,
+        CloseCode::TooBig,
+        CloseCode::Internal,
+        CloseCode::TokenExpired,
+        CloseCode::Revoked,
+        CloseCode::SlowConsumer,
+        CloseCode::Replaced,
+        CloseCode::LoggedOut,
+        CloseCode::RateLimited,
+    ];
+
     /// The numeric code on the wire.
     pub fn code(self) -> u16 {
         match self {

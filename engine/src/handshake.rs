@@ -230,9 +230,20 @@ fn upgrade_key(request: &Request) -> Result<String, Refusal> {
         return Err(Refusal::BadRequest("only WebSocket version 13 is supported"));
     }
     match request.header("sec-websocket-key").map(str::trim) {
-        Some(key) if key.len() == 24 => Ok(key.to_string()),
+        Some(key) if is_websocket_key(key) => Ok(key.to_string()),
         _ => Err(Refusal::BadRequest("missing or malformed Sec-WebSocket-Key")),
     }
+}
+
+/// RFC 6455 §4.1: the key is 16 bytes in base64 — 22 characters of the standard alphabet, the
+/// last carrying only 2 bits (so one of `A`, `Q`, `g`, `w`), then `==`. Anything else is not
+/// a WebSocket client's key, and is refused rather than hashed into the answer.
+fn is_websocket_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && matches!(b[21], b'A' | b'Q' | b'g' | b'w')
 }
 
 /// Writes the `101 Switching Protocols` answer.
@@ -248,4 +259,36 @@ pub async fn accept<S: AsyncWrite + Unpin>(stream: &mut S, admitted: &Admitted) 
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await?;
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_websocket_key;
+
+    #[test]
+    fn a_websocket_key_is_16_bytes_of_base64() {
+        // RFC 6455's example, and 16 bytes of 0x00 and of 0xff.
+        for good in [
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "/////////////////////w==",
+            "a+b/AAAAAAAAAAAAAAAAAQ==",
+        ] {
+            assert!(is_websocket_key(good), "{good}");
+        }
+        for bad in [
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZQ===",
+            "AAAAAAAAAAAAAAAAAAAAAAA=",
+            "AAAAAAAAAAAAAAAAAAAAAB==",
+            "AAAAAAAAAAAAAAAAAAAAA-==",
+            "AAAAAAAAAAAAAAAAAAAAA_A=",
+            "!!!!!!!!!!!!!!!!!!!!!!==",
+            "AAAAAAAAAAAAAAAAAAAAAA=A",
+            "AAAAAAAAAAAAAAAAAAAA\u{e9}==",
+        ] {
+            assert!(!is_websocket_key(bad), "{bad}");
+        }
+    }
 }

@@ -1,9 +1,11 @@
 //! Every metric wsgate exports, by name, in one place (SPEC §8), and their Prometheus text
 //! rendering for `GET /metrics`.
 //!
-//! Counters and gauges are atomics; histograms have fixed buckets. Label values are bounded:
-//! outcomes, reasons, modes and close codes are fixed sets, and rule names come from the
-//! policy (a policy holds at most a few hundred rules). No user id, IP or channel is a label.
+//! Counters and gauges are atomics; histograms have fixed buckets. Label values are bounded and
+//! never chosen by a client: outcomes, reasons, modes and close codes are fixed sets (a close
+//! code a client sends that the server itself does not use is counted as `other`), and rule
+//! names come from the policy (a policy holds at most a few hundred rules). No user id, IP,
+//! channel, header or claim is a label.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -71,6 +73,25 @@ pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
     "aborted",
 ];
 
+/// The `code` label values of `wsgate_connections_closed_total`: `0` (dropped without a close
+/// frame), `1005` (the client's close frame had no code), every code the server sends
+/// ([`CloseCode::ALL`]), and `other` for any code a client chose that is none of these — a
+/// client may send about 2,000 distinct codes, and each would be a series of its own.
+pub const CLOSE_LABELS: [&str; CloseCode::ALL.len() + 3] = [
+    "0", "1000", "1001", "1002", "1003", "1005", "1007", "1008", "1009", "1011", "4001", "4003", "4008", "4009",
+    "4010", "4029", "other",
+];
+
+/// The [`CLOSE_LABELS`] entry for a connection that ended with `code`: sent by the server
+/// (`by_client` false; 0 when it was dropped without a close) or received from the client
+/// (1005 when its close frame had none).
+pub fn close_label(code: u16, by_client: bool) -> &'static str {
+    let pseudo = if by_client { 1005 } else { 0 };
+    let known = code == pseudo || CloseCode::ALL.iter().any(|c| c.code() == code);
+    let wanted = code.to_string();
+    CLOSE_LABELS.iter().copied().find(|l| known && *l == wanted).unwrap_or(CLOSE_LABELS[CLOSE_LABELS.len() - 1])
+}
+
 /// Why a message was rejected (`wsgate_messages_rejected_total{reason}`): an error code, or
 /// `closed` for a message that closed its connection.
 fn reject_reasons() -> impl Iterator<Item = &'static str> {
@@ -96,8 +117,8 @@ pub struct Metrics {
     pub pipeline_duration: Histogram,
     /// `wsgate_handshake_duration_seconds`: request read to answer.
     pub handshake_duration: Histogram,
-    /// `wsgate_connections_closed_total{code}`.
-    closed: Mutex<BTreeMap<u16, u64>>,
+    /// `wsgate_connections_closed_total{code}`, by [`CLOSE_LABELS`] index.
+    closed: [AtomicU64; CLOSE_LABELS.len()],
     /// `wsgate_policy_decisions_total{rule,mode,outcome}`.
     decisions: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     /// `wsgate_policy_reloads_total{outcome="ok"}`.
@@ -131,7 +152,7 @@ impl Default for Metrics {
             connection_duration: Histogram::new(&DURATION_BUCKETS),
             pipeline_duration: Histogram::new(&LATENCY_BUCKETS),
             handshake_duration: Histogram::new(&LATENCY_BUCKETS),
-            closed: Mutex::default(),
+            closed: Default::default(),
             decisions: Mutex::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_error: AtomicU64::new(0),
@@ -193,9 +214,11 @@ impl Metrics {
         self.rejected[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts an ended connection by close code (0: dropped without a close frame).
-    pub fn closed(&self, code: u16) {
-        *self.closed.lock().unwrap_or_else(|e| e.into_inner()).entry(code).or_default() += 1;
+    /// Counts an ended connection by its [`close_label`].
+    pub fn closed(&self, code: u16, by_client: bool) {
+        let label = close_label(code, by_client);
+        let i = CLOSE_LABELS.iter().position(|l| *l == label).unwrap_or(CLOSE_LABELS.len() - 1);
+        self.closed[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a rule's decision: `outcome` is `deny` or `would_deny`.
@@ -247,10 +270,10 @@ impl Metrics {
         counter_head(
             &mut out,
             "wsgate_connections_closed_total",
-            "Connections ended, by close code (0: dropped without a close; a client's own code when it closed).",
+            "Connections ended, by close code (0: dropped without a close; other: a client's code the server does not use).",
         );
-        for (code, n) in self.closed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "wsgate_connections_closed_total{{code=\"{code}\"}} {n}");
+        for (i, code) in CLOSE_LABELS.iter().enumerate() {
+            let _ = writeln!(out, "wsgate_connections_closed_total{{code=\"{code}\"}} {}", load(&self.closed[i]));
         }
         counter_head(&mut out, "wsgate_policy_decisions_total", "Rule decisions that refused or would have refused.");
         for ((rule, mode, outcome), n) in self.decisions.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -319,7 +342,7 @@ mod tests {
         let m = Metrics::default();
         m.handshake("accepted");
         m.rejected(Ok(ErrorCode::RateLimited));
-        m.closed(4009);
+        m.closed(4009, false);
         m.decision("a \"quoted\" rule", true, "would_deny");
         m.pipeline_duration.observe(Duration::from_micros(30));
         m.pipeline_duration.observe(Duration::from_secs(5));
@@ -335,5 +358,34 @@ mod tests {
         assert!(text.contains("wsgate_pipeline_duration_seconds_bucket{le=\"1\"} 1"));
         assert!(text.contains("wsgate_pipeline_duration_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("wsgate_pipeline_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn close_labels_are_the_servers_codes_and_other() {
+        for code in CloseCode::ALL {
+            let label = code.code().to_string();
+            assert!(CLOSE_LABELS.contains(&label.as_str()), "{label} has no label");
+            assert_eq!(close_label(code.code(), false), label);
+            assert_eq!(close_label(code.code(), true), label, "a client's 1000 or 4009 is counted as such");
+        }
+        assert_eq!(close_label(0, false), "0");
+        assert_eq!(close_label(1005, true), "1005");
+        for chosen in [0, 999, 1004, 1005, 1006, 1010, 1015, 2999, 3000, 3999, 4000, 4321, 4999, 65_535] {
+            if chosen != 1005 {
+                assert_eq!(close_label(chosen, true), "other", "client code {chosen}");
+            }
+            if chosen != 0 {
+                assert_eq!(close_label(chosen, false), "other", "server code {chosen}");
+            }
+        }
+        // Every 16-bit value a client could send lands on one of the fixed labels.
+        let labels: std::collections::BTreeSet<_> = (0..=u16::MAX).map(|c| close_label(c, true)).collect();
+        assert!(labels.len() < CLOSE_LABELS.len(), "{labels:?}");
+        let m = Metrics::default();
+        m.closed(3999, true);
+        m.closed(4321, true);
+        let text = m.render();
+        assert!(text.contains("wsgate_connections_closed_total{code=\"other\"} 2"), "{text}");
+        assert!(!text.contains("3999") && !text.contains("4321"));
     }
 }

@@ -304,11 +304,12 @@ where
         let lived = self.connected_at.elapsed().unwrap_or_default();
         let metrics = &self.gw.metrics;
         metrics.connection_duration.observe(lived);
-        metrics.closed(match &ended {
-            Ended::Closed(code, _) => code.code(),
-            Ended::ClientClosed(code) => code.unwrap_or(1005),
-            Ended::Dropped(_) => 0,
-        });
+        let (code, by_client) = match &ended {
+            Ended::Closed(code, _) => (code.code(), false),
+            Ended::ClientClosed(code) => (code.unwrap_or(1005), true),
+            Ended::Dropped(_) => (0, false),
+        };
+        metrics.closed(code, by_client);
         tracing::info!(session = %self.name, user = %self.user, ended = ?ended, seconds = lived.as_secs_f64(), "connection closed");
         ended
     }
