@@ -550,7 +550,12 @@ impl Cluster {
         for channel in new.into_iter().chain(gone) {
             self.subscriptions.touch(channel, |c| self.own_channels().iter().any(|own| own == c));
         }
-        self.subscriptions.settled(RESPONSE_TIMEOUT * 2).await;
+        // Out of step (Redis is marked away, as after the failed probe that led here): a resync
+        // subscribes the new channels now, with everything else. Waiting for Redis' return
+        // would wait for a probe on channels nobody listens to.
+        if !self.subscriptions.settled(RESPONSE_TIMEOUT * 2).await {
+            self.resync(false, RESPONSE_TIMEOUT * 2).await;
+        }
         true
     }
 
