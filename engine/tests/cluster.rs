@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use common::inproc::*;
 use common::redis::TestRedis;
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 use wsgate::broker::Delivery;
 use wsgate::cluster::Topology;
 use wsgate::gateway::{Gateway, GatewayOptions};
@@ -42,6 +44,7 @@ against!(disconnect_and_revocation_reach_every_instance_and_one_started_later: s
 against!(per_ip_and_reconnect_limits_count_every_instance: server, cluster);
 against!(a_crashed_instances_connections_stop_counting_when_their_leases_lapse: server, cluster);
 against!(a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself: server, cluster);
+against!(churn_during_an_outage_is_kept_as_state_not_as_a_queue: server, cluster);
 against!(a_killed_subscription_is_noticed_and_restored: server, cluster);
 against!(a_wedged_subscription_is_noticed_by_the_probe_and_rebuilt: server, cluster);
 against!(a_confirmed_subscription_is_in_effect_in_redis: server, cluster);
@@ -365,6 +368,73 @@ async fn a_redis_outage_keeps_clients_and_local_delivery_and_heals_by_itself(mut
     let mut con = redis.connection().await;
     let leased: i64 = redis::cmd("ZCARD").arg("wsgate:ip:127.0.0.1").query_async(&mut con).await.unwrap();
     assert_eq!(leased, 3);
+}
+
+/// Subscribes and unsubscribes while Redis is away are not queued one by one: the instance
+/// keeps what it wants subscribed, so 50,000 of them leave a backlog the size of the live
+/// channels, and Redis' return costs one resync instead of 50,000 orders.
+async fn churn_during_an_outage_is_kept_as_state_not_as_a_queue(mut redis: TestRedis) {
+    const CONNECTS: usize = 100;
+    const CHURN: usize = 50_000;
+    let edit = |d: String| d.replace("{max: 20, per: 1s, action: reject}", "{max: 1000000, per: 1s, action: reject}");
+    let a = instance(&redis, "a", edit).await;
+    let b = instance(&redis, "b", same).await;
+    let mut alice = connect(&a, &token("alice", HOUR, &[])).await;
+    let mut churner = connect(&a, &token("churner", HOUR, &[])).await;
+    let mut bob = connect(&b, &token("bob", HOUR, &[])).await;
+    eventually("both listen", Duration::from_secs(5), || async { listeners(&redis, "alerts").await == 2 }).await;
+
+    redis.stop().await;
+    eventually("both notice", Duration::from_secs(5), || async { !up(&a) && !up(&b) }).await;
+    // Users come and go (`user:<id>`: one subscribe and one unsubscribe each)…
+    for n in 0..CONNECTS {
+        let peer = format!("10.9.{}.{}:1000", n / 200, n % 200 + 1);
+        let ws = connect_as(&a, &format!("churn-{n}"), &peer).await.unwrap();
+        drop(ws);
+    }
+    // …and a client subscribes and unsubscribes, one channel after another.
+    for n in 0..(CHURN - 2 * CONNECTS) / 2 {
+        let channel = format!("alerts-churn-{n}");
+        for kind in ["subscribe", "unsubscribe"] {
+            let frame = json!({"type": kind, "channel": channel}).to_string();
+            churner.feed(Message::text(frame)).await.unwrap();
+        }
+    }
+    send(&mut churner, json!({"type": "subscribe", "channel": "alerts-kept", "id": "kept"})).await;
+    assert_eq!(next_json(&mut churner).await, json!({"type": "ok", "ref": "kept"}), "every churn message was taken");
+    let mut carol = connect(&a, &token("carol", HOUR, &[])).await;
+    // alerts, user:alice, user:churner, alerts-kept, user:carol.
+    eventually("the churned connections are gone", Duration::from_secs(10), || async { a.hub.channel_count() == 5 })
+        .await;
+    let pending = a.cluster.as_ref().unwrap().pending_subscriptions();
+    eprintln!("{CHURN} subscription changes during the outage leave {pending} pending");
+    assert!(pending <= a.hub.channel_count(), "bounded by the live channels, not the operations: {pending} pending");
+
+    redis.restart().await;
+    let back = Instant::now();
+    eventually("both ready within 10 s of Redis' return", Duration::from_secs(10), || async {
+        up(&a)
+            && up(&b)
+            && admin(&a, "GET", "/readyz", "").await.0 == 200
+            && admin(&b, "GET", "/readyz", "").await.0 == 200
+    })
+    .await;
+    eprintln!("ready {:?} after Redis returned", back.elapsed());
+    assert_eq!(a.cluster.as_ref().unwrap().pending_subscriptions(), 0, "the resync carried every change");
+    // Channels subscribed before, during and after the outage all reach across again.
+    for (from, channel, ws) in [
+        (&b, "alerts-kept", &mut churner),
+        (&b, "user:carol", &mut carol),
+        (&b, "user:alice", &mut alice),
+        (&a, "user:bob", &mut bob),
+    ] {
+        let id = publish(from, channel, json!(channel)).await;
+        let m = tokio::time::timeout(Duration::from_secs(2), next_json(ws)).await.expect("cross-instance again");
+        assert_eq!(m["id"], id.as_str(), "{channel}");
+    }
+    for gone in ["alerts-churn-0", "user:churn-0", "user:churn-99"] {
+        assert_eq!(listeners(&redis, gone).await, 0, "{gone}: no subscription left in Redis");
+    }
 }
 
 async fn a_killed_subscription_is_noticed_and_restored(redis: TestRedis) {

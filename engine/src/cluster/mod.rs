@@ -4,7 +4,9 @@
 //!   once and published to `wsgate:ch:<channel>`; other instances deliver it to theirs. An
 //!   instance subscribes only to the channels it has local subscribers for, and skips its own
 //!   publishes when Redis echoes them (they carry its origin), so every subscriber gets a
-//!   message exactly once, under the id its publisher gave it.
+//!   message exactly once, under the id its publisher gave it. What it subscribes to is kept as
+//!   state, not as a queue of orders ([`subscriptions`]): bounded by the channels, however long
+//!   Redis is away.
 //! - **Counts** ([`scripts`]): per-IP concurrent connections, the per-user reconnect window and
 //!   the user's live connections (`max_per_user`, newest wins) are counted in Redis by atomic
 //!   scripts, over leases that lapse when an instance stops renewing them.
@@ -23,6 +25,7 @@ pub mod keys;
 pub mod link;
 mod probe;
 mod scripts;
+mod subscriptions;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,7 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::broker::hub::{Fanout, Hub, SessionId};
 use crate::broker::{Backplane, BoxFuture, BrokerError, Delivery, random_tag};
@@ -80,10 +83,10 @@ pub struct Cluster {
     probes: probe::Probes,
     /// Malformed payloads dropped (logged at powers of two).
     malformed: AtomicU64,
-    /// Orders for the subscriber task.
-    subscriptions: mpsc::UnboundedSender<Subscription>,
-    /// The subscriber task's end, until [`Cluster::start`] takes it.
-    subscriber: Mutex<Option<mpsc::UnboundedReceiver<Subscription>>>,
+    /// What should be subscribed in Redis and what is; the subscriber task makes them match.
+    subscriptions: subscriptions::Subscriptions,
+    /// The subscriber task's wake-ups, until [`Cluster::start`] takes them.
+    subscriber: Mutex<Option<mpsc::Receiver<()>>>,
     /// This instance's live connections in Redis: member → the sets holding it.
     leases: Mutex<HashMap<Box<str>, LeaseKeys>>,
 }
@@ -92,20 +95,6 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster").field("origin", &self.origin).field("up", &self.is_up()).finish_non_exhaustive()
     }
-}
-
-/// What the subscriber task does next.
-enum Subscription {
-    /// A Redis channel to subscribe to.
-    Subscribe(String),
-    /// A Redis channel to leave.
-    Unsubscribe(String),
-    /// Subscribe to everything this instance needs (after a start or an outage).
-    Resync(oneshot::Sender<bool>),
-    /// Replace the subscription connection (it stopped delivering), then resync.
-    Rebuild(oneshot::Sender<bool>),
-    /// Answers once every order before it has been applied.
-    Barrier(oneshot::Sender<bool>),
 }
 
 #[derive(Debug)]
@@ -171,7 +160,7 @@ impl Cluster {
     ) -> Result<Arc<Cluster>, String> {
         let link = Link::open(url, topology)?;
         let commands = link.commands()?;
-        let (subscriptions, subscriber) = mpsc::unbounded_channel();
+        let (subscriptions, subscriber) = subscriptions::Subscriptions::new();
         let origin = random_tag();
         metrics.redis_configured.store(1, Ordering::Relaxed);
         metrics.redis_up.store(0, Ordering::Relaxed);
@@ -197,13 +186,19 @@ impl Cluster {
         let Some(rx) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let topology = if self.link.is_sharded() { "cluster" } else { "server" };
         tracing::info!(topology, origin = %self.origin, "one of several instances over Redis");
-        tokio::spawn(subscriber(Arc::downgrade(gw), self.link.clone(), rx));
+        tokio::spawn(subscriptions::run(Arc::downgrade(gw), self.link.clone(), rx));
         tokio::spawn(health(Arc::downgrade(gw)));
     }
 
     /// This process's name in Redis.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// Channels whose subscribe or unsubscribe Redis has not carried out yet. While Redis is
+    /// away this is at most the channels wanted or held, however many changes were made.
+    pub fn pending_subscriptions(&self) -> usize {
+        self.subscriptions.pending()
     }
 
     /// Whether Redis is reachable and the subscription works.
@@ -213,6 +208,7 @@ impl Cluster {
 
     fn mark_down(&self, why: &str) {
         self.up.store(false, Ordering::Relaxed);
+        self.subscriptions.out_of_step();
         self.metrics.redis_up.store(0, Ordering::Relaxed);
         if !self.outage_logged.swap(true, Ordering::Relaxed) {
             tracing::error!(
@@ -257,12 +253,11 @@ impl Cluster {
         }
     }
 
-    /// Gives the subscriber task an order and waits (at most `within`) for its answer: whether
-    /// it was carried out.
-    async fn ask(&self, order: fn(oneshot::Sender<bool>) -> Subscription, within: Duration) -> bool {
-        let (done, result) = oneshot::channel();
-        self.subscriptions.send(order(done)).is_ok()
-            && matches!(tokio::time::timeout(within, result).await, Ok(Ok(true)))
+    /// Has the subscriber task subscribe to everything wanted (after `rebuild`, on a new
+    /// connection) and waits (at most `within`) for whether it succeeded.
+    async fn resync(&self, rebuild: bool, within: Duration) -> bool {
+        let answer = self.subscriptions.resync(rebuild);
+        matches!(tokio::time::timeout(within, answer).await, Ok(Ok(true)))
     }
 
     /// Counts a handshake against the address's and the user's cluster-wide limits; `Err`
@@ -552,13 +547,15 @@ impl Cluster {
             return false; // a cluster still forming: keep probing what was probed
         }
         let Some((new, gone)) = self.probes.replace(channels) else { return false };
-        for channel in new {
-            let _ = self.subscriptions.send(Subscription::Subscribe(channel));
+        for channel in new.into_iter().chain(gone) {
+            self.subscriptions.touch(channel, |c| self.own_channels().iter().any(|own| own == c));
         }
-        for channel in gone {
-            let _ = self.subscriptions.send(Subscription::Unsubscribe(channel));
+        // Out of step (Redis is marked away, as after the failed probe that led here): a resync
+        // subscribes the new channels now, with everything else. Waiting for Redis' return
+        // would wait for a probe on channels nobody listens to.
+        if !self.subscriptions.settled(RESPONSE_TIMEOUT * 2).await {
+            self.resync(false, RESPONSE_TIMEOUT * 2).await;
         }
-        self.ask(Subscription::Barrier, RESPONSE_TIMEOUT * 2).await;
         true
     }
 
@@ -566,6 +563,22 @@ impl Cluster {
     fn own_channels(&self) -> Vec<String> {
         let mut channels = vec![keys::CONTROL.to_string()];
         channels.extend(self.probes.channels());
+        channels
+    }
+
+    /// Whether this instance wants Redis channel `channel` subscribed: a client channel while
+    /// it has a local subscriber, its own channels always.
+    fn wants(&self, hub: &Hub, channel: &str) -> bool {
+        match keys::client_channel(channel) {
+            Some(client_channel) => hub.has_subscribers(client_channel),
+            None => self.own_channels().iter().any(|c| c == channel),
+        }
+    }
+
+    /// Every Redis channel this instance wants subscribed.
+    fn everything(&self, hub: &Hub) -> std::collections::HashSet<String> {
+        let mut channels: std::collections::HashSet<String> = self.own_channels().into_iter().collect();
+        channels.extend(hub.channels().iter().map(|c| keys::channel(c)));
         channels
     }
 
@@ -601,13 +614,7 @@ impl Cluster {
                 // slot's new owner.
                 let [Value::BulkString(channel), ..] = push.data.as_slice() else { return };
                 let Ok(channel) = std::str::from_utf8(channel) else { return };
-                let wanted = match keys::client_channel(channel) {
-                    Some(client_channel) => gw.hub.has_subscribers(client_channel),
-                    None => self.own_channels().iter().any(|c| c == channel),
-                };
-                if wanted {
-                    let _ = self.subscriptions.send(Subscription::Subscribe(channel.to_string()));
-                }
+                self.subscriptions.lost(channel, |c| self.wants(&gw.hub, c));
             }
             PushKind::Disconnection => self.mark_down("the subscription connection to Redis was lost"),
             _ => {}
@@ -638,97 +645,6 @@ impl Cluster {
 /// The close reason of a connection displaced by a newer one of its user.
 pub const REPLACED: &str = "replaced by a newer connection";
 
-/// The subscriber task: owns the subscription connection and applies orders in sequence, so a
-/// subscribe and the unsubscribe that follows it reach Redis in that order. Orders that queued
-/// up meanwhile are sent together: a run of subscribes is one `SUBSCRIBE` with every channel
-/// (2,000 clients connecting at once cost a few round trips, not 2,000).
-async fn subscriber(gw: Weak<Gateway>, link: Link, mut orders: mpsc::UnboundedReceiver<Subscription>) {
-    let mut connection: Option<link::Subscriber> = None;
-    let mut batch = Vec::new();
-    while orders.recv_many(&mut batch, BATCH).await > 0 {
-        let Some(gateway) = gw.upgrade() else { return };
-        let Some(cluster) = gateway.cluster.clone() else { return };
-        let mut orders = batch.drain(..).peekable();
-        while let Some(order) = orders.next() {
-            if connection.is_none() || matches!(order, Subscription::Rebuild(_)) {
-                connection = None; // the old one closes
-                match subscription_connection(&link, &gw) {
-                    Ok(c) => connection = Some(c),
-                    Err(e) => {
-                        cluster.mark_down(&e.to_string());
-                        if let Subscription::Resync(done) | Subscription::Rebuild(done) | Subscription::Barrier(done) =
-                            order
-                        {
-                            let _ = done.send(false);
-                        }
-                        continue;
-                    }
-                }
-            }
-            let Some(con) = connection.as_mut() else { continue };
-            let (result, done) = match order {
-                Subscription::Subscribe(first) => {
-                    let channels = run_of(first, &mut orders, |o| match o {
-                        Subscription::Subscribe(c) => Some(c),
-                        _ => None,
-                    });
-                    (con.subscribe(channels).await, None)
-                }
-                Subscription::Unsubscribe(first) => {
-                    let channels = run_of(first, &mut orders, |o| match o {
-                        Subscription::Unsubscribe(c) => Some(c),
-                        _ => None,
-                    });
-                    (con.unsubscribe(channels).await, None)
-                }
-                Subscription::Barrier(done) => (Ok(()), Some(done)),
-                Subscription::Resync(done) | Subscription::Rebuild(done) => {
-                    let mut channels = cluster.own_channels();
-                    channels.extend(gateway.hub.channels().iter().map(|c| keys::channel(c)));
-                    (con.subscribe(channels).await, Some(done))
-                }
-            };
-            if let Err(e) = &result {
-                // Retried in whole when Redis is back (a resync subscribes to every channel).
-                cluster.mark_down(&e.to_string());
-            }
-            if let Some(done) = done {
-                let _ = done.send(result.is_ok());
-            }
-        }
-    }
-}
-
-/// The Redis channels of `first` and of the orders right after it that `same` accepts (a run
-/// of subscribes, or of unsubscribes), which are taken off `orders`.
-fn run_of(
-    first: String,
-    orders: &mut std::iter::Peekable<impl Iterator<Item = Subscription>>,
-    same: impl Fn(&Subscription) -> Option<&String>,
-) -> Vec<String> {
-    let mut channels = vec![first];
-    while let Some(next) = orders.peek().and_then(&same) {
-        channels.push(next.clone());
-        orders.next();
-    }
-    channels
-}
-
-/// Most orders the subscriber takes at once.
-const BATCH: usize = 1024;
-
-/// A subscription connection whose pushes go to `gw`'s cluster.
-fn subscription_connection(link: &Link, gw: &Weak<Gateway>) -> redis::RedisResult<link::Subscriber> {
-    let handler = gw.clone();
-    link.subscriber(move |push: PushInfo| {
-        if let Some(gw) = handler.upgrade()
-            && let Some(cluster) = &gw.cluster
-        {
-            cluster.on_push(&gw, push);
-        }
-    })
-}
-
 /// The health loop: probes Redis and the subscription every [`PROBE_INTERVAL`], marks the
 /// link up or away, rebuilds a wedged subscription, restores what an outage lost, renews
 /// leases.
@@ -737,7 +653,7 @@ async fn health(gw: Weak<Gateway>) {
     if let Some(gw) = gw.upgrade()
         && let Some(cluster) = gw.cluster.clone()
     {
-        cluster.ask(Subscription::Resync, resync_within(&gw)).await;
+        cluster.resync(false, resync_within(&gw)).await;
     }
     let mut every = tokio::time::interval(PROBE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -790,7 +706,7 @@ async fn health(gw: Weak<Gateway>) {
                     tracing::warn!(probes = missing, "the Redis subscription stopped delivering; reconnecting it");
                     missing = 0;
                     last_sent = None;
-                    cluster.ask(Subscription::Rebuild, RESPONSE_TIMEOUT * 2).await;
+                    cluster.resync(true, RESPONSE_TIMEOUT * 2).await;
                 }
             }
         }
@@ -807,7 +723,7 @@ fn resync_within(gw: &Gateway) -> Duration {
 /// Back from an outage (or the first contact): subscribe to everything, restore leases and
 /// revocations, then mark the link up.
 async fn restore(gw: &Gateway, cluster: &Cluster) {
-    if !cluster.ask(Subscription::Resync, resync_within(gw)).await {
+    if !cluster.resync(false, resync_within(gw)).await {
         return;
     }
     if let Err(e) = cluster.renew_leases().await {
@@ -849,16 +765,13 @@ impl Backplane for RedisBackplane {
             if !self.cluster.is_up() {
                 return; // nothing to wait for: delivery is local until Redis returns
             }
-            self.cluster.ask(Subscription::Barrier, RESPONSE_TIMEOUT).await;
+            self.cluster.subscriptions.settled(RESPONSE_TIMEOUT).await;
         })
     }
 
-    fn interest(&self, channel: &str, subscribed: bool) {
-        let order = if subscribed {
-            Subscription::Subscribe(keys::channel(channel))
-        } else {
-            Subscription::Unsubscribe(keys::channel(channel))
-        };
-        let _ = self.cluster.subscriptions.send(order);
+    fn interest(&self, channel: &str, _subscribed: bool) {
+        // The hub, not the order of the calls, says whether the channel is wanted: of a last
+        // unsubscribe and a new first subscribe racing, the outcome is the hub's final state.
+        self.cluster.subscriptions.touch(keys::channel(channel), |c| self.cluster.wants(&self.hub, c));
     }
 }
