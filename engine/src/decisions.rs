@@ -102,3 +102,23 @@ pub fn message_refused(
         "message refused"
     );
 }
+
+/// A live subscription a reloaded policy no longer allows: ended with `unsubscribed`. The
+/// channel is not logged (a client chose its name); the rule that refused it is.
+pub fn subscription_ended(metrics: &Metrics, denial: &Denial, generation: u64, user: &str, ip: IpAddr, session: &str) {
+    metrics.decision(&denial.rule, false, "deny");
+    tracing::info!(
+        target: TARGET,
+        kind = "reload",
+        outcome = "unsubscribe",
+        rule = &*denial.rule,
+        mode = "enforce",
+        generation,
+        user,
+        %ip,
+        session,
+        reason = &*denial.reason,
+        error = denial.error.as_deref().unwrap_or(""),
+        "the reloaded policy no longer allows a subscription"
+    );
+}

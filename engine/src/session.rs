@@ -622,7 +622,11 @@ where
             connected_at: self.connected_at,
         };
         self.ws.set_max_bytes(usize::try_from(limits.max_bytes).unwrap_or(usize::MAX));
+        let new_generation = policy.generation != self.pipeline.ctx.policy().generation;
         self.pipeline.ctx = ConnContext::new(policy, &claims, &conn);
+        if new_generation {
+            self.recheck_subscriptions();
+        }
         self.pipeline.limits = limits;
         if let Some(token) = token {
             self.token = token;
@@ -662,6 +666,29 @@ where
             }
         }
         Step::Continue
+    }
+
+    /// Ends every subscription the connection's (new) policy no longer allows, as a `subscribe`
+    /// for it would now be refused: out of the hub at once (its messages stop), and the client
+    /// is told with `unsubscribed`. The channels a connection has from the start stay.
+    fn recheck_subscriptions(&mut self) {
+        let own = format!("user:{}", self.user);
+        let now = SystemTime::now();
+        let mut ended = Vec::new();
+        for channel in self.channels.iter().filter(|c| &***c != "alerts" && ***c != *own) {
+            let (allowed, audit) = self.pipeline.ctx.allows_subscription(channel, now);
+            decisions::would_deny(&self.gw.metrics, "reload", &audit, &self.user, self.ip, &self.name);
+            if let Err(denial) = allowed {
+                ended.push((channel.clone(), denial));
+            }
+        }
+        let generation = self.pipeline.ctx.policy().generation;
+        for (channel, denial) in ended {
+            self.unsubscribe(&channel);
+            decisions::subscription_ended(&self.gw.metrics, &denial, generation, &self.user, self.ip, &self.name);
+            let reason = format!("policy reloaded: {}", denial.reason);
+            self.queue_json(&json!({"type": "unsubscribed", "channel": &*channel, "reason": reason}));
+        }
     }
 
     fn on_outbound(&mut self, out: Outbound) -> Step {

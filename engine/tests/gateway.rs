@@ -148,6 +148,34 @@ fn reloaded(edit: impl Fn(String) -> String, generation: u64) -> Arc<Policy> {
     Arc::new(p)
 }
 
+#[tokio::test]
+async fn a_reload_ends_the_subscriptions_it_no_longer_allows() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    for (id, channel) in [("1", "alerts.eu"), ("2", "alerts.us")] {
+        send(&mut ws, json!({"type": "subscribe", "channel": channel, "id": id})).await;
+        assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": id}));
+    }
+    let only_us = |d: String| d.replace(r#"startsWith("alerts")'"#, r#"startsWith("alerts.us")'"#);
+    gw.set_policy(reloaded(only_us, 2));
+    let ended = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("told within 5 s");
+    assert_eq!(ended["type"], "unsubscribed", "{ended}");
+    assert_eq!(ended["channel"], "alerts.eu");
+    assert!(ended["reason"].as_str().unwrap().contains("only alerts channels"), "{ended}");
+    // Its messages stop at once; the allowed subscription and the built-in channels go on.
+    for channel in ["alerts.eu", "alerts.us", "alerts", "user:alice"] {
+        let delivery = Delivery::new(channel, gw.ids.next_id(), &json!(channel));
+        gw.backplane.publish(delivery).await.unwrap();
+    }
+    for channel in ["alerts.us", "alerts", "user:alice"] {
+        let message = next_json(&mut ws).await;
+        assert_eq!((message["type"].as_str(), message["channel"].as_str()), (Some("message"), Some(channel)));
+    }
+    // Subscribing again is refused under the new policy; the connection stays.
+    send(&mut ws, json!({"type": "subscribe", "channel": "alerts.eu", "id": "3"})).await;
+    assert_eq!(next_json(&mut ws).await["code"], "forbidden");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_reload_moves_live_connections_to_the_new_heartbeat() {
     let gw = gateway(same);

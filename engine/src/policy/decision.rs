@@ -440,6 +440,38 @@ impl ConnContext {
         let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
         MessageVerdict { refused: denied.map(MessageRefusal::Rule), audit }
     }
+
+    /// Whether a live subscription to `channel` is still allowed under this context's policy,
+    /// decided as a `subscribe` for it would be by the rules of the `subscribe` type (a
+    /// reloaded policy re-checks every subscription). The schema is not consulted: a live
+    /// subscription has no message whose other fields it could check. Audit-mode rules that
+    /// would refuse are returned for the decision log; a policy without a `subscribe` type
+    /// allows no subscription.
+    pub fn allows_subscription(&self, channel: &str, now: SystemTime) -> (Result<(), Denial>, Vec<Denial>) {
+        let Some(t) = self.policy.messages.types.get("subscribe") else {
+            let denial = Denial {
+                rule: "messages.types.subscribe".into(),
+                mode: RuleMode::Enforce,
+                action: crate::policy::RuleAction::Reject,
+                reason: "the policy defines no subscribe type".into(),
+                error: None,
+            };
+            return (Err(denial), Vec::new());
+        };
+        if t.rules.is_empty() {
+            return (Ok(()), Vec::new());
+        }
+        let mut scope = self.ctx.new_inner_scope();
+        if t.reads_message {
+            let message = serde_json::json!({"type": "subscribe", "channel": channel});
+            scope.add_variable_from_value(Var::Message.name(), json_to_cel(&message));
+        }
+        if t.reads_now {
+            scope.add_variable_from_value(Var::Now.name(), timestamp(now));
+        }
+        let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
+        (denied.map_or(Ok(()), Err), audit)
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
