@@ -283,3 +283,53 @@ fn a_key_file_that_is_a_fifo_is_refused_without_blocking() {
     let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    public_key_file: key.pem\n");
     refused(&copy, &format!("policy.yaml:{line}:"), "not a regular file");
 }
+
+#[test]
+fn a_matches_pattern_that_is_not_a_literal_is_an_error() {
+    // A pattern from a claim or a message would be compiled on every evaluation, and chosen by
+    // whoever sends it.
+    cel_bomb("has(claims.re) && claims.sub.matches(claims.re)", "the pattern of `matches` must be a string literal");
+    cel_bomb("matches(claims.sub, claims.re)", "the pattern of `matches` must be a string literal");
+    cel_bomb("claims.sub.matches('^' + claims.re)", "the pattern of `matches` must be a string literal");
+}
+
+#[test]
+fn a_matches_pattern_too_large_to_compile_is_an_error() {
+    // Unicode `\w` is hundreds of ranges; repeated 500 times it needs megabytes compiled.
+    cel_bomb(r"claims.sub.matches(r'^[\w\s]{1,500}$')", "too large once compiled");
+    cel_bomb(r"matches(claims.sub, r'^[\w\s]{1,500}$')", "too large once compiled");
+}
+
+#[test]
+fn an_invalid_matches_pattern_is_an_error_that_does_not_repeat_it() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace(
+        "policy.yaml",
+        r#"'has(claims.roles) && "banned" in claims.roles'"#,
+        r#"'claims.sub.matches("(SECRETPATTERN")'"#,
+    );
+    let stderr = refused(&copy, &format!("policy.yaml:{line}:13: auth.rules[0].deny: "), "invalid: unclosed group");
+    assert!(!stderr.contains("SECRETPATTERN"), "an error never repeats the pattern: {stderr}");
+}
+
+#[test]
+fn a_literal_matches_pattern_decides_in_a_rule() {
+    let copy = PolicyCopy::new();
+    copy.replace(
+        "policy.yaml",
+        r#"'has(claims.roles) && "banned" in claims.roles'"#,
+        r#"'!claims.sub.matches("^[a-z0-9-]{1,32}$") || matches(claims.sub, "^root$")'"#,
+    );
+    copy.write(
+        "tests/default.yaml",
+        "cases:\n  - name: a plain user id connects\n    claims: {sub: alice-1}\n    expect: accept\n  \
+         - name: an odd user id is refused\n    claims: {sub: Alice!}\n    expect: {status: 403, rule: not-banned}\n  \
+         - name: root is refused\n    claims: {sub: root}\n    expect: {status: 403, rule: not-banned}\n",
+    );
+    let dir = copy.path().to_str().unwrap();
+    let (code, stdout, stderr) = wsgate(&["policy", "check", dir], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, stdout, stderr) = wsgate(&["policy", "test", dir], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.lines().last().unwrap().ends_with("3 passed, 0 failed"), "{stdout}");
+}

@@ -128,7 +128,7 @@ impl<'a> Compiler<'a> {
             options,
             errors: ErrorSink::default(),
             key_files: Vec::new(),
-            cel_env: Arc::new(cel::Env::stdlib()),
+            cel_env: Arc::new(expr::env()),
             sizes: InputSizes {
                 claims: MAX_CLAIMS_BYTES,
                 request: MAX_REQUEST_BYTES,
