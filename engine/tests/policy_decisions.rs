@@ -115,7 +115,8 @@ fn a_rule_that_fails_at_run_time_fails_closed_and_says_so() {
     let v = p.handshake_scope(&json!({"sub": "a"}), &request(None), SystemTime::now()).connect_rules();
     let d = v.denied.expect("an error refuses");
     assert_eq!(&*d.rule, "no-banned");
-    assert!(d.error.as_deref().unwrap_or_default().contains("roles"), "{d:?}");
+    // The kind of error, never the key or a value (either can come from a token or a message).
+    assert_eq!(d.error.as_deref(), Some("no such key"), "{d:?}");
     // In audit mode the same error is a "would deny" and the request passes.
     let p = policy(
         "version: 1\nauth:\n  rules:\n    - name: no-banned\n      deny: '\"banned\" in claims.roles'\n      mode: audit\n",

@@ -265,7 +265,7 @@ impl HandshakeScope<'_> {
             Value::String(_) => Err(EvalError(format!("the user id must be 1 to {MAX_USER_ID_LEN} bytes"))),
             Value::Int(i) => Ok(i.to_string()),
             Value::UInt(u) => Ok(u.to_string()),
-            other => Err(EvalError(format!("the user id must be a string, got {:?}", other.type_of()))),
+            other => Err(EvalError(format!("the user id must be a string, got {}", other.type_of()))),
         }
     }
 
@@ -312,9 +312,9 @@ pub(crate) fn count(limit: &Limit<u64>, ctx: &Context<'_, '_>, key: &'static str
             let v = match expr.eval(ctx).map_err(|e| fail(e.0))? {
                 Value::Int(i) if i >= 0 => i as u64,
                 Value::UInt(u) => u,
-                other => return Err(fail(format!("expected a non-negative int, got {other:?}"))),
+                other => return Err(fail(format!("expected a non-negative int, got {}", other.type_of()))),
             };
-            if (*min..=*max).contains(&v) { Ok(v) } else { Err(fail(format!("{v} is outside {min}..={max}"))) }
+            if (*min..=*max).contains(&v) { Ok(v) } else { Err(fail(format!("the result is outside {min}..={max}"))) }
         }
     }
 }
@@ -330,9 +330,13 @@ pub(crate) fn duration(
             let fail = |error: String| LimitError { key, error };
             let v = match expr.eval(ctx).map_err(|e| fail(e.0))? {
                 Value::Duration(d) => d.to_std().map_err(|_| fail("negative duration".into()))?,
-                other => return Err(fail(format!("expected a duration, got {other:?}"))),
+                other => return Err(fail(format!("expected a duration, got {}", other.type_of()))),
             };
-            if (*min..=*max).contains(&v) { Ok(v) } else { Err(fail(format!("{v:?} is outside {min:?}..={max:?}"))) }
+            if (*min..=*max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(fail(format!("the result is outside {min:?}..={max:?}")))
+            }
         }
     }
 }

@@ -259,7 +259,7 @@ pub fn compile(source: &str, allowed: VarSet, sizes: &InputSizes) -> Result<Expr
     }
     let program = match Program::compile(source) {
         Ok(program) => program,
-        Err(e) => return refuse(format!("CEL syntax error: {}", one_line(&e.to_string()))),
+        Err(e) => return refuse(super::error::cel_syntax_message(&e)),
     };
     let depth = tree_depth(program.expression());
     if depth > MAX_AST_DEPTH {
@@ -424,10 +424,6 @@ fn entry_compiled_regexes(entry: &mut cel::common::ast::IdedEntryExpr, index: &H
         }
         EntryExpr::StructField(f) => use_compiled_regexes(&mut f.value, index),
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The depth of an expression tree, measured with an explicit stack so that a hostile tree

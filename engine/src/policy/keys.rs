@@ -181,7 +181,7 @@ pub fn load(
     let mut algorithms = Vec::new();
     for name in settings.algorithms {
         let alg = Algorithm::from_str(name).map_err(|_| {
-            (KeyField::Algorithms, format!("unknown algorithm `{name}` (HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"))
+            (KeyField::Algorithms, "unknown algorithm (use HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA)".to_string())
         })?;
         if !algorithms.contains(&alg) {
             algorithms.push(alg);
@@ -209,11 +209,15 @@ pub fn load(
         ))?;
         let secret = secret_lookup(var)
             .filter(|s| !s.is_empty())
-            .ok_or((KeyField::SecretEnv, format!("environment variable {var} is not set")))?;
+            // The variable is not named: a secret pasted into `secret_env` by mistake would be.
+            .ok_or((KeyField::SecretEnv, "the environment variable `secret_env` names is not set".to_string()))?;
         if secret.len() < MIN_SECRET_BYTES {
             return Err((
                 KeyField::SecretEnv,
-                format!("the secret in {var} is {} bytes; at least {MIN_SECRET_BYTES} are required", secret.len()),
+                format!(
+                    "the secret in that variable is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                    secret.len()
+                ),
             ));
         }
         KeySet::Secret(DecodingKey::from_secret(secret.as_bytes()))
@@ -240,18 +244,13 @@ pub fn load(
             }
             (None, Some(path)) => {
                 let text = read_file(path).map_err(|e| (KeyField::JwksFile, e))?;
-                let set: JwkSet =
-                    serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, format!("not a JWKS: {e}")))?;
+                let set: JwkSet = serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, jwks_error(&e)))?;
                 let mut keys = Vec::new();
                 for (i, jwk) in set.keys.iter().enumerate() {
                     let key =
                         DecodingKey::from_jwk(jwk).map_err(|e| (KeyField::JwksFile, format!("unusable key: {e}")))?;
                     if !algorithms.iter().any(|a| a.family() == key.family()) {
-                        let kid = jwk.common.key_id.as_deref().unwrap_or("no kid");
-                        return Err((
-                            KeyField::JwksFile,
-                            format!("key {i} ({kid}) fits none of the policy's algorithms"),
-                        ));
+                        return Err((KeyField::JwksFile, format!("key {i} fits none of the policy's algorithms")));
                     }
                     keys.push((jwk.common.key_id.clone(), key));
                 }
@@ -305,4 +304,14 @@ fn pem_key(algorithms: &[Algorithm], pem: &[u8]) -> Result<DecodingKey, String> 
 pub fn key_path(dir: &Path, path: &str) -> std::path::PathBuf {
     let p = Path::new(path);
     if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
+}
+
+/// Why a JWKS file does not parse, by position: serde_json's message quotes the offending value.
+fn jwks_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Data => "not a JWKS (a JSON object with a `keys` list of JWKs)",
+        serde_json::error::Category::Eof => "not a JWKS: the JSON ends early",
+        _ => "not a JWKS: not valid JSON",
+    };
+    format!("{what} (line {}, column {} of the file)", e.line(), e.column())
 }
