@@ -275,6 +275,9 @@ async fn admin_policy(gw: &Arc<Gateway>) -> String {
     response
 }
 
+/// One way to break the policy directory.
+type Breaks<'a> = Box<dyn Fn() + 'a>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reload_shows_where_and_why_but_never_a_value_from_the_files() {
     let dir = PolicyCopy::new();
@@ -283,7 +286,7 @@ async fn a_refused_reload_shows_where_and_why_but_never_a_value_from_the_files()
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("leak.yaml"), "version: 1\nmessages:\n  binary: PLANTED-MARKER-OUTSIDE\n")
         .unwrap();
-    let broken: Vec<(&str, Box<dyn Fn()>)> = vec![
+    let broken: Vec<(&str, Breaks<'_>)> = vec![
         ("an unknown variant", Box::new(|| save(&dir, &base.replace("binary: reject", "binary: PLANTED-MARKER-1")))),
         (
             "a string where a number goes",
