@@ -390,3 +390,17 @@ fn errors_say_where_and_what_was_expected_but_never_repeat_a_value() {
     let stderr = refused(&copy, "schemas/ping.json:1:", "not valid JSON");
     assert!(!stderr.contains(marker), "{stderr}");
 }
+
+#[test]
+fn policy_test_output_never_repeats_a_value_from_a_test_file() {
+    let copy = PolicyCopy::new();
+    copy.write(
+        "tests/broken.yaml",
+        "cases:\n  - name: a word\n    claims: {sub: m}\n    expect: SECRETVAL1\n  \
+         - name: a code\n    claims: {sub: m}\n    message: {type: ping}\n    expect: {code: SECRETVAL2}\n",
+    );
+    let (code, stdout, stderr) = wsgate(&["policy", "test", copy.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("tests/broken.yaml:"), "{stdout}{stderr}");
+    assert!(!stdout.contains("SECRETVAL") && !stderr.contains("SECRETVAL"), "{stdout}{stderr}");
+}
