@@ -19,24 +19,25 @@
 //!    token and header limits).
 //!
 //! Regular expressions (`matches`) must be string literals: each is compiled here, once, under
-//! [`MAX_REGEX_BYTES`], and the expression is rewritten to call the compiled regex, so no
-//! evaluation compiles a pattern and no pattern can come from a message or a claim.
+//! [`MAX_REGEX_BYTES`], and the expression is rewritten to call the compiled regex (see
+//! `matches.rs`), so no evaluation compiles a pattern and no pattern can come from a message or
+//! a claim.
 //!
 //! Run-time errors ([`EvalError`]) name the kind of failure and the types involved, never an
 //! operand's value: a value can be a claim, a message field or a token, and these errors are
 //! logged and shown in policy test output.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr as Node, LiteralValue};
-use cel::common::types::{CelBool, CelInt, CelString, INT_TYPE, STRING_TYPE};
-use cel::common::value::CowVal;
 use cel::objects::ValueType;
 use cel::{Context, ExecutionError, IdedExpr, Program, Value};
 use regex::Regex;
+
+pub use super::matches::MAX_REGEX_BYTES;
+use super::matches::{self, RegexScope, RegexTable};
 
 /// Longest expression accepted, in bytes.
 pub const MAX_EXPR_LEN: usize = 4096;
@@ -47,10 +48,6 @@ pub const MAX_COMPREHENSION_NESTING: usize = 2;
 /// Largest estimated worst-case cost accepted for one evaluation. One unit is about one node
 /// evaluated or one byte allocated, so no accepted expression builds a megabyte of data.
 pub const COST_BUDGET: u64 = 1_000_000;
-/// Largest compiled form of one regular expression (`regex`'s `size_limit`), and of its lazy
-/// DFA cache: a pattern that needs more makes the policy invalid. Counted repetitions of large
-/// classes (`[\w\s]{1,500}`, Unicode `\w` is hundreds of ranges) are what hit it.
-pub const MAX_REGEX_BYTES: usize = 1024 * 1024;
 
 /// The variables a CEL expression may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -276,16 +273,8 @@ pub fn compile(source: &str, allowed: VarSet, sizes: &InputSizes) -> Result<Expr
         ));
     }
     let mut tree = program.expression().clone();
-    if !check.regexes.compiled.is_empty() {
-        use_compiled_regexes(&mut tree, &check.regexes.index);
-    }
-    Ok(Expr {
-        source: source.into(),
-        tree,
-        regexes: check.regexes.compiled.into(),
-        uses: check.uses,
-        cost: estimate.cost,
-    })
+    let regexes = check.regexes.finish(&mut tree);
+    Ok(Expr { source: source.into(), tree, regexes, uses: check.uses, cost: estimate.cost })
 }
 
 /// The CEL environment policies run in: the standard library, plus the function that
@@ -293,137 +282,8 @@ pub fn compile(source: &str, allowed: VarSet, sizes: &InputSizes) -> Result<Expr
 /// context) and evaluate every [`Expr`] in a context made from it.
 pub fn env() -> cel::Env {
     let mut env = cel::Env::stdlib();
-    env.add_overload(COMPILED_MATCHES, "wsgate_matches_compiled", vec![STRING_TYPE, INT_TYPE], compiled_matches)
-        .expect("the name is not a standard function");
+    matches::register(&mut env);
     env
-}
-
-/// What `matches` calls become. The parser never yields a name starting with `@` from policy
-/// text, so no expression can call it with an index of its own.
-const COMPILED_MATCHES: &str = "@matches";
-
-thread_local! {
-    /// The regexes of the expression this thread is evaluating. Environment functions are plain
-    /// function pointers, so this is how [`compiled_matches`] reaches them.
-    static EVALUATING: RefCell<Option<Arc<[Regex]>>> = const { RefCell::new(None) };
-}
-
-/// Makes an expression's regexes visible to [`compiled_matches`] for one evaluation, and puts
-/// back what was there before (even when the evaluation panics).
-struct RegexScope(Option<Arc<[Regex]>>);
-
-impl RegexScope {
-    fn enter(regexes: &Arc<[Regex]>) -> RegexScope {
-        RegexScope(EVALUATING.with_borrow_mut(|slot| slot.replace(regexes.clone())))
-    }
-}
-
-impl Drop for RegexScope {
-    fn drop(&mut self) {
-        let previous = self.0.take();
-        EVALUATING.with_borrow_mut(|slot| *slot = previous);
-    }
-}
-
-fn compiled_matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
-    let text = args.first().and_then(|a| a.downcast_ref::<CelString<'_>>().map(|s| s.inner()));
-    let index = args.get(1).and_then(|a| a.downcast_ref::<CelInt>().map(|i| *i.inner()));
-    let (Some(text), Some(index)) = (text, index) else {
-        return Err(ExecutionError::function_error("matches", "expects a string"));
-    };
-    EVALUATING
-        .with_borrow(|regexes| {
-            let regex = regexes.as_ref()?.get(usize::try_from(index).ok()?)?;
-            Some(regex.is_match(text))
-        })
-        .map(|matched| CowVal::owned(CelBool::from(matched)))
-        .ok_or_else(|| ExecutionError::function_error("matches", "no compiled pattern"))
-}
-
-/// The regexes of one expression, each pattern compiled once however often it is used.
-#[derive(Default)]
-struct RegexTable {
-    compiled: Vec<Regex>,
-    index: HashMap<String, usize>,
-}
-
-impl RegexTable {
-    fn add(&mut self, pattern: &str) -> Result<(), ExprError> {
-        if self.index.contains_key(pattern) {
-            return Ok(());
-        }
-        let regex = regex::RegexBuilder::new(pattern)
-            .size_limit(MAX_REGEX_BYTES)
-            .dfa_size_limit(MAX_REGEX_BYTES)
-            .build()
-            .or_else(|e| refuse(regex_error(&e)))?;
-        self.index.insert(pattern.to_string(), self.compiled.len());
-        self.compiled.push(regex);
-        Ok(())
-    }
-}
-
-/// Why a pattern does not compile, without the pattern: `regex` quotes it in its message, and
-/// nothing from a policy file is repeated in an error.
-fn regex_error(e: &regex::Error) -> String {
-    match e {
-        regex::Error::CompiledTooBig(limit) => format!(
-            "the regular expression of `matches` is too large once compiled (limit {limit} bytes): \
-             use smaller counted repetitions or classes"
-        ),
-        regex::Error::Syntax(text) => {
-            let kind = text.lines().rev().find_map(|l| l.trim().strip_prefix("error: "));
-            format!("the regular expression of `matches` is invalid: {}", kind.unwrap_or("syntax error"))
-        }
-        _ => "the regular expression of `matches` does not compile".to_string(),
-    }
-}
-
-/// Rewrites every `s.matches('p')` and `matches(s, 'p')` (the checker made sure `p` is a literal
-/// it compiled) into `@matches(s, i)`, `i` being `p`'s place in the expression's regexes.
-/// Recursion is safe: the depth bound has been checked.
-fn use_compiled_regexes(node: &mut IdedExpr, index: &HashMap<String, usize>) {
-    if let Node::Call(call) = &mut node.expr
-        && call.func_name == "matches"
-    {
-        let mut args: Vec<IdedExpr> = call.target.take().map(|t| *t).into_iter().chain(call.args.drain(..)).collect();
-        if let Some(pattern) = args.get_mut(1)
-            && let Node::Literal(LiteralValue::String(p)) = &pattern.expr
-            && let Some(i) = index.get(p.inner())
-        {
-            pattern.expr = Node::Literal(LiteralValue::Int(CelInt::from(*i as i64)));
-        }
-        call.func_name = COMPILED_MATCHES.to_string();
-        call.args = args;
-    }
-    match &mut node.expr {
-        Node::Call(call) => {
-            if let Some(t) = call.target.as_deref_mut() {
-                use_compiled_regexes(t, index);
-            }
-            call.args.iter_mut().for_each(|a| use_compiled_regexes(a, index));
-        }
-        Node::Comprehension(c) => {
-            for part in [&mut c.iter_range, &mut c.accu_init, &mut c.loop_cond, &mut c.loop_step, &mut c.result] {
-                use_compiled_regexes(part, index);
-            }
-        }
-        Node::List(list) => list.elements.iter_mut().for_each(|e| use_compiled_regexes(e, index)),
-        Node::Map(map) => map.entries.iter_mut().for_each(|e| entry_compiled_regexes(e, index)),
-        Node::Struct(s) => s.entries.iter_mut().for_each(|e| entry_compiled_regexes(e, index)),
-        Node::Select(select) => use_compiled_regexes(&mut select.operand, index),
-        Node::Ident(_) | Node::Literal(_) | Node::Unspecified => {}
-    }
-}
-
-fn entry_compiled_regexes(entry: &mut cel::common::ast::IdedEntryExpr, index: &HashMap<String, usize>) {
-    match &mut entry.expr {
-        EntryExpr::MapEntry(m) => {
-            use_compiled_regexes(&mut m.key, index);
-            use_compiled_regexes(&mut m.value, index);
-        }
-        EntryExpr::StructField(f) => use_compiled_regexes(&mut f.value, index),
-    }
 }
 
 /// The depth of an expression tree, measured with an explicit stack so that a hostile tree
@@ -699,7 +559,7 @@ impl Expr {
 /// String("…")`) and map keys, which can be claims, message fields or tokens.
 pub fn describe(e: &ExecutionError) -> String {
     let ty = |v: &Value| type_name(v.type_of());
-    let function = |f: &str| if f == COMPILED_MATCHES { "matches".to_string() } else { f.to_string() };
+    let function = |f: &str| if f == matches::COMPILED { "matches".to_string() } else { f.to_string() };
     match e {
         ExecutionError::InvalidArgumentCount { expected, actual } => {
             format!("wrong number of arguments: expected {expected}, got {actual}")
@@ -916,7 +776,7 @@ mod tests {
         // The compiled regexes belong to their expression: after it, none are visible.
         let e = accepted("claims.sub.matches('^a')");
         assert_eq!(e.eval_bool(&ctx), Ok(true));
-        assert!(EVALUATING.with_borrow(|r| r.is_none()));
+        assert!(matches::evaluating_none());
     }
 
     #[test]
