@@ -107,9 +107,7 @@ fn a_missing_key_env_var_is_an_error() {
     let (code, _, stderr) = common::wsgate_without_secret(&["policy", "check", copy.path().to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(
-        stderr.starts_with(
-            "policy.yaml:9:17: auth.jwt.secret_env: the environment variable `secret_env` names is not set"
-        ),
+        stderr.starts_with("policy.yaml:9:17: auth.jwt.secret_env: environment variable WSGATE_JWT_SECRET is not set"),
         "{stderr}"
     );
     refused_with_env(&copy, "policy.yaml:9:17:", "at least 32 are required", &[("WSGATE_JWT_SECRET", "short")]);
@@ -375,6 +373,9 @@ fn errors_say_where_and_what_was_expected_but_never_repeat_a_value() {
         ("policy.yaml", "[query:token, header:authorization", "[query:token, SECRETVAL"),
         ("policy.yaml", "reconnects: {max: 5", "reconnects: {max: 9999999999"),
         ("policy.yaml", "leeway: 5s", "leeway: SECRETVAL"),
+        // A secret pasted where the name of its variable goes.
+        ("policy.yaml", "secret_env: WSGATE_JWT_SECRET", "secret_env: SECRETVAL0123456789ABCDEF0123456789ABCDEF"),
+        ("policy.yaml", "secret_env: WSGATE_JWT_SECRET", "secret_env: s3cr3t-SECRETVAL"),
         ("policy.yaml", r#""banned" in claims.roles'"#, r#""SECRETVAL" in claims.roles &&'"#),
     ] {
         let copy = PolicyCopy::new();

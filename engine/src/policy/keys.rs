@@ -209,13 +209,13 @@ pub fn load(
         ))?;
         let secret = secret_lookup(var)
             .filter(|s| !s.is_empty())
-            // The variable is not named: a secret pasted into `secret_env` by mistake would be.
-            .ok_or((KeyField::SecretEnv, "the environment variable `secret_env` names is not set".to_string()))?;
+            .ok_or((KeyField::SecretEnv, format!("{} is not set", shown_var(var))))?;
         if secret.len() < MIN_SECRET_BYTES {
             return Err((
                 KeyField::SecretEnv,
                 format!(
-                    "the secret in that variable is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                    "the secret in {} is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                    shown_var(var),
                     secret.len()
                 ),
             ));
@@ -314,4 +314,17 @@ fn jwks_error(e: &serde_json::Error) -> String {
         _ => "not a JWKS: not valid JSON",
     };
     format!("{what} (line {}, column {} of the file)", e.line(), e.column())
+}
+
+/// How an error names `secret_env`'s variable: by name only when that cannot be a secret pasted
+/// there by mistake — it has the shape of a variable name and is shorter than any secret
+/// accepted — since errors are logged and shown by the admin API.
+fn shown_var(var: &str) -> String {
+    let name_shaped = var.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+        && var.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if name_shaped && var.len() < MIN_SECRET_BYTES {
+        format!("environment variable {var}")
+    } else {
+        "the environment variable `secret_env` names".to_string()
+    }
 }
