@@ -130,8 +130,8 @@ fn kind_only(unexpected: &str) -> String {
     if kind.len() > 40 { "a value of another type".to_string() } else { kind.to_string() }
 }
 
-/// Replaces each quoted part (`…`, "…", '…') that is more than punctuation (an operator, a
-/// bracket, `<EOF>` stay: they say what the parser expected) with `…`.
+/// Replaces each quoted part (`…`, "…", '…') that is more than punctuation or a CEL keyword
+/// (an operator, a bracket, `true`, `<EOF>` stay: they say what the parser expected) with `…`.
 fn without_quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -141,7 +141,8 @@ fn without_quoted(text: &str) -> String {
         let Some(len) = rest[body_start..].find(quote) else { break };
         let body = &rest[body_start..body_start + len];
         out.push_str(&rest[..start]);
-        let harmless = body == "<EOF>" || (body.len() <= 3 && body.chars().all(|c| c.is_ascii_punctuation()));
+        let harmless = matches!(body, "<EOF>" | "true" | "false" | "null" | "in")
+            || (body.len() <= 3 && body.chars().all(|c| c.is_ascii_punctuation()));
         out.push(quote);
         out.push_str(if harmless { body } else { "…" });
         out.push(quote);
@@ -175,6 +176,7 @@ mod tests {
             "extraneous input '…' expecting {'&&', <EOF>} at '…'"
         );
         assert_eq!(without_quoted("mismatched input '<EOF>'"), "mismatched input '<EOF>'");
+        assert_eq!(without_quoted("expecting {'true', 'x1'}"), "expecting {'true', '…'}");
         assert_eq!(without_quoted("an unclosed `quote"), "an unclosed `quote");
     }
 }
