@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use super::decision;
-use super::error::{ErrorSink, PolicyError, PolicyErrors};
+use super::error::{ErrorSink, PolicyError, PolicyErrors, strip_position};
 use super::expr::{self, InputSizes, Var, VarSet};
 use super::keys::{self, JwtSettings, KeyField};
 use super::model::{
@@ -745,8 +745,6 @@ impl<'a> Compiler<'a> {
 pub(crate) fn yaml_message(e: &serde_saphyr::Error) -> String {
     super::error::yaml_message(e)
 }
-
-use super::error::strip_position;
 
 /// What is wrong with a schema, by keyword and place: jsonschema's own message quotes the
 /// offending value (and a `$ref`'s address).
