@@ -327,3 +327,26 @@ fn a_configured_issuer_audience_or_custom_claim_must_be_present() {
     assert_eq!(p.auth.jwt.verify(&mint(&[("iss", "https://evil/"), all[1], all[2]])), Err(TokenError::WrongIssuer));
     assert_eq!(p.auth.jwt.verify(&mint(&[all[0], ("aud", "other"), all[2]])), Err(TokenError::WrongAudience));
 }
+
+#[test]
+fn a_schema_violation_names_the_schema_keys_never_a_key_the_client_chose() {
+    let mut source = PolicySource::read_dir(&common::default_policy_dir()).unwrap();
+    source.documents = vec![SourceFile {
+        name: "policy.yaml".into(),
+        text: "version: 1\nmessages:\n  types:\n    note: {schema: note.json}\n".into(),
+    }];
+    source.schemas.push(SourceFile {
+        name: "schemas/note.json".into(),
+        text: json!({"type": "object", "properties": {"tags": {"type": "object", "additionalProperties": {"type": "string"}}}})
+            .to_string(),
+    });
+    let p = Arc::new(compile(&source, &CompileOptions { generation: 1, secret_lookup: &secret }).unwrap());
+    let ctx = ConnContext::new(p, &json!({"sub": "a"}), &conn("a"));
+    let m = json!({"type": "note", "tags": {"CLIENT-CHOSEN-KEY": 1}});
+    match ctx.decide(&m, SystemTime::now()).refused {
+        Some(MessageRefusal::Invalid { reason, .. }) => {
+            assert_eq!(reason, "does not match the schema: `type` at `/tags/*`");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -425,7 +425,7 @@ impl ConnContext {
                 .map(|e| {
                     let schema_path = e.schema_path().to_string();
                     let keyword = schema_path.rsplit('/').next().unwrap_or_default().to_string();
-                    let at = e.instance_path().to_string();
+                    let at = schema_named_path(&e.instance_path().to_string(), &schema_path);
                     format!("does not match the schema: `{keyword}` at `{}`", if at.is_empty() { "/" } else { &at })
                 })
                 .unwrap_or_default();
@@ -444,6 +444,19 @@ impl ConnContext {
         let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
         MessageVerdict { refused: denied.map(MessageRefusal::Rule), audit }
     }
+}
+
+/// The place of a schema violation, with only the keys the schema names (under `properties`)
+/// and array indexes: any other key is one the client chose (`additionalProperties`,
+/// `patternProperties`), and is shown as `*`, since this text is logged.
+fn schema_named_path(instance_path: &str, schema_path: &str) -> String {
+    let parts: Vec<&str> = schema_path.split('/').collect();
+    let named: Vec<&str> = parts.windows(2).filter(|w| w[0] == "properties").map(|w| w[1]).collect();
+    instance_path
+        .split('/')
+        .skip(1)
+        .map(|seg| if seg.bytes().all(|b| b.is_ascii_digit()) || named.contains(&seg) { seg } else { "*" })
+        .fold(String::new(), |path, seg| path + "/" + seg)
 }
 
 fn truncate(s: &str, max: usize) -> String {
