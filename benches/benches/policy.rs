@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
 use wsgate::policy::decision::MessageRefusal;
+use wsgate::policy::expr::{self, InputSizes, Var, VarSet};
 use wsgate::policy::value::json_to_cel;
 use wsgate::policy::{CompileOptions, ConnContext, ConnInfo, Policy, PolicySource, RequestInfo, compile};
 
@@ -100,7 +101,7 @@ fn rule_benches(c: &mut Criterion) {
     // Each rule's expression alone, in a scope with its variables already bound: the CEL part of
     // the decisions above, without the envelope checks, the schema and binding `message`.
     let mut group = c.benchmark_group("rule_expr");
-    let env = Arc::new(cel::Env::stdlib());
+    let env = Arc::new(expr::env());
     let mut cel_ctx = cel::Context::with_env(env);
     cel_ctx.add_variable_from_value("claims", json_to_cel(&claims));
     let connect_rule = policy.auth.rules.iter().find(|r| &*r.name == "not-banned").expect("rule not-banned");
@@ -153,5 +154,36 @@ fn part_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, compile_benches, rule_benches, message_decision_benches, part_benches);
+/// `matches` as the CEL library runs it (the pattern compiled on every call) against a policy
+/// expression (compiled once, at load), on a 200-byte field. `^[\w\s]{1,500}$` is what a policy
+/// could write before patterns had a size bound; a policy now refuses it at load.
+fn matches_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("matches");
+    let text = "word ".repeat(40);
+    let mut per_call = cel::Context::with_env(Arc::new(cel::Env::stdlib()));
+    per_call.add_variable_from_value("s", text.clone());
+    for pattern in [r"^[\w\s]{1,500}$", r"^[\w\s]{1,20}", r"^[a-z ]{1,500}$"] {
+        let program = cel::Program::compile(&format!("s.matches(r'{pattern}')")).expect("parses");
+        // `^[\w\s]{1,500}$` exceeds even regex's default 10 MiB bound: every call spends the
+        // compile and then fails.
+        println!("{pattern} compiled per call: {:?}", program.execute(&per_call).map(|_| "ok"));
+        group.bench_function(format!("compiled_per_call/{pattern}"), |b| {
+            b.iter(|| program.execute(black_box(&per_call)))
+        });
+    }
+    let sizes = InputSizes { claims: 8192, request: 16384, conn: 1024, message: 10240 };
+    let mut at_load = cel::Context::with_env(Arc::new(expr::env()));
+    at_load.add_variable_from_value("message", json_to_cel(&json!({"text": text})));
+    for pattern in [r"^[\w\s]{1,20}", r"^[a-z ]{1,500}$"] {
+        let source = format!("message.text.matches(r'{pattern}')");
+        let compiled = expr::compile(&source, VarSet::of(&[Var::Message]), &sizes).expect("within the bounds");
+        assert_eq!(compiled.eval_bool(&at_load), Ok(true), "{source}");
+        group.bench_function(format!("compiled_at_load/{pattern}"), |b| {
+            b.iter(|| compiled.eval_bool(black_box(&at_load)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, compile_benches, rule_benches, message_decision_benches, part_benches, matches_benches);
 criterion_main!(benches);

@@ -157,9 +157,8 @@ fn out_of_range_and_malformed_limits_are_errors() {
         "heartbeat: {interval: 30s, timeout: 10s}",
         "heartbeat: {interval: 30sec, timeout: 0s}",
     );
-    let stderr =
-        refused(&copy, &format!("policy.yaml:{line}:"), "connections.heartbeat.interval: `30sec` is not a duration");
-    assert!(stderr.contains("connections.heartbeat.timeout: 0s is out of range"), "{stderr}");
+    let stderr = refused(&copy, &format!("policy.yaml:{line}:"), "connections.heartbeat.interval: not a duration");
+    assert!(stderr.contains("connections.heartbeat.timeout: out of range: allowed 1s to 1h"), "{stderr}");
 }
 
 #[test]
@@ -246,7 +245,7 @@ fn schema_patterns_use_a_linear_time_regex_engine() {
 fn a_constant_cel_limit_is_range_checked_at_load() {
     let copy = PolicyCopy::new();
     let line = copy.replace("policy.yaml", "  max_per_user: 1\n", "  max_per_user: '0'\n");
-    refused(&copy, &format!("policy.yaml:{line}:"), "connections.max_per_user: 0 is outside 1..=1000");
+    refused(&copy, &format!("policy.yaml:{line}:"), "connections.max_per_user: the result is outside 1..=1000");
 }
 
 #[test]
@@ -258,11 +257,7 @@ fn a_jwks_key_that_fits_no_allowed_algorithm_is_an_error() {
     );
     copy.replace("policy.yaml", "algorithms: [HS256]", "algorithms: [RS256]");
     let line = copy.replace("policy.yaml", "    secret_env: WSGATE_JWT_SECRET\n", "    jwks_file: jwks.json\n");
-    refused(
-        &copy,
-        &format!("policy.yaml:{line}:"),
-        "auth.jwt.jwks_file: key 0 (k1) fits none of the policy's algorithms",
-    );
+    refused(&copy, &format!("policy.yaml:{line}:"), "auth.jwt.jwks_file: key 0 fits none of the policy's algorithms");
 }
 
 #[test]
@@ -350,4 +345,131 @@ fn a_cookie_token_source_with_an_origin_list_checks() {
     );
     let (code, stdout, stderr) = wsgate(&["policy", "check", copy.path().to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+#[test]
+fn a_matches_pattern_that_is_not_a_literal_is_an_error() {
+    // A pattern from a claim or a message would be compiled on every evaluation, and chosen by
+    // whoever sends it.
+    cel_bomb("has(claims.re) && claims.sub.matches(claims.re)", "the pattern of `matches` must be a string literal");
+    cel_bomb("matches(claims.sub, claims.re)", "the pattern of `matches` must be a string literal");
+    cel_bomb("claims.sub.matches('^' + claims.re)", "the pattern of `matches` must be a string literal");
+}
+
+#[test]
+fn a_matches_pattern_too_large_to_compile_is_an_error() {
+    // Unicode `\w` is hundreds of ranges; repeated 500 times it needs megabytes compiled.
+    cel_bomb(r"claims.sub.matches(r'^[\w\s]{1,500}$')", "too large once compiled");
+    cel_bomb(r"matches(claims.sub, r'^[\w\s]{1,500}$')", "too large once compiled");
+}
+
+#[test]
+fn an_invalid_matches_pattern_is_an_error_that_does_not_repeat_it() {
+    let copy = PolicyCopy::new();
+    let line = copy.replace(
+        "policy.yaml",
+        r#"'has(claims.roles) && "banned" in claims.roles'"#,
+        r#"'claims.sub.matches("(SECRETPATTERN")'"#,
+    );
+    let stderr = refused(&copy, &format!("policy.yaml:{line}:13: auth.rules[0].deny: "), "invalid: unclosed group");
+    assert!(!stderr.contains("SECRETPATTERN"), "an error never repeats the pattern: {stderr}");
+}
+
+#[test]
+fn a_literal_matches_pattern_decides_in_a_rule() {
+    let copy = PolicyCopy::new();
+    copy.replace(
+        "policy.yaml",
+        r#"'has(claims.roles) && "banned" in claims.roles'"#,
+        r#"'!claims.sub.matches("^[a-z0-9-]{1,32}$") || matches(claims.sub, "^root$")'"#,
+    );
+    copy.write(
+        "tests/default.yaml",
+        "cases:\n  - name: a plain user id connects\n    claims: {sub: alice-1}\n    expect: accept\n  \
+         - name: an odd user id is refused\n    claims: {sub: Alice!}\n    expect: {status: 403, rule: not-banned}\n  \
+         - name: root is refused\n    claims: {sub: root}\n    expect: {status: 403, rule: not-banned}\n",
+    );
+    let dir = copy.path().to_str().unwrap();
+    let (code, stdout, stderr) = wsgate(&["policy", "check", dir], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, stdout, stderr) = wsgate(&["policy", "test", dir], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.lines().last().unwrap().ends_with("3 passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn a_policy_file_that_links_out_of_the_directory_is_refused_unread() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("leak.yaml"), "version: 1\nmessages:\n  binary: SECRETVAL\n").unwrap();
+    std::fs::write(outside.path().join("leak.json"), r#"{"type": "SECRETVAL"}"#).unwrap();
+    let copy = PolicyCopy::new();
+    std::os::unix::fs::symlink(outside.path().join("leak.yaml"), copy.path().join("leak.yaml")).unwrap();
+    // Named through `..`, a relative link resolves outside just the same.
+    let relative = format!("../../{}/leak.json", outside.path().file_name().unwrap().to_str().unwrap());
+    std::os::unix::fs::symlink(relative, copy.path().join("schemas/leak.json")).unwrap();
+    let stderr = refused(&copy, "leak.yaml:1:1: ", "resolves outside the policy directory");
+    assert!(stderr.contains("schemas/leak.json:1:1: "), "{stderr}");
+    assert!(!stderr.contains("SECRETVAL"), "{stderr}");
+}
+
+#[test]
+fn links_that_stay_inside_the_directory_are_read_as_a_configmap_mounts_them() {
+    // A Kubernetes ConfigMap volume: `..data` links to a timestamped directory, and each file
+    // is a link through `..data`.
+    let copy = PolicyCopy::new();
+    let generation = copy.path().join("..2026_12_04_19_00_00.1");
+    std::fs::create_dir_all(generation.join("schemas")).unwrap();
+    std::fs::rename(copy.path().join("policy.yaml"), generation.join("policy.yaml")).unwrap();
+    std::fs::rename(copy.path().join("schemas/ping.json"), generation.join("schemas/ping.json")).unwrap();
+    std::os::unix::fs::symlink("..2026_12_04_19_00_00.1", copy.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.yaml", copy.path().join("policy.yaml")).unwrap();
+    std::os::unix::fs::symlink("../..data/schemas/ping.json", copy.path().join("schemas/ping.json")).unwrap();
+    let (code, stdout, stderr) = wsgate(&["policy", "check", copy.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+#[test]
+fn errors_say_where_and_what_was_expected_but_never_repeat_a_value() {
+    let marker = "SECRETVAL";
+    for (file, from, to) in [
+        ("policy.yaml", "binary: reject", "binary: SECRETVAL"),
+        ("policy.yaml", "version: 1", "version: SECRETVAL"),
+        ("policy.yaml", "max_per_user: 1\n", "max_per_user: 1.5SECRETVAL\n"),
+        ("policy.yaml", "idle_timeout: 10m", "idle_timeout: 10SECRETVAL"),
+        ("policy.yaml", "max_bytes: 10240", "max_bytes: 10SECRETVAL"),
+        ("policy.yaml", "max_invalid: 5", "max_invalid: 99999999"),
+        ("policy.yaml", "[query:token, header:authorization", "[query:token, SECRETVAL"),
+        ("policy.yaml", "reconnects: {max: 5", "reconnects: {max: 9999999999"),
+        ("policy.yaml", "leeway: 5s", "leeway: SECRETVAL"),
+        // A secret pasted where the name of its variable goes.
+        ("policy.yaml", "secret_env: WSGATE_JWT_SECRET", "secret_env: SECRETVAL0123456789ABCDEF0123456789ABCDEF"),
+        ("policy.yaml", "secret_env: WSGATE_JWT_SECRET", "secret_env: s3cr3t-SECRETVAL"),
+        ("policy.yaml", r#""banned" in claims.roles'"#, r#""SECRETVAL" in claims.roles &&'"#),
+    ] {
+        let copy = PolicyCopy::new();
+        let line = copy.replace(file, from, to);
+        let stderr = refused(&copy, &format!("{file}:{line}:"), "");
+        assert!(!stderr.contains(marker) && !stderr.contains("99999999"), "`{to}` is repeated:\n{stderr}");
+    }
+    let copy = PolicyCopy::new();
+    copy.write("schemas/ping.json", r#"{"type": "SECRETVAL"}"#);
+    let stderr = refused(&copy, "schemas/ping.json:1:1:", "invalid JSON Schema");
+    assert!(!stderr.contains(marker), "{stderr}");
+    copy.write("schemas/ping.json", "{\"type\": \"object\", \"SECRETVAL\"}");
+    let stderr = refused(&copy, "schemas/ping.json:1:", "not valid JSON");
+    assert!(!stderr.contains(marker), "{stderr}");
+}
+
+#[test]
+fn policy_test_output_never_repeats_a_value_from_a_test_file() {
+    let copy = PolicyCopy::new();
+    copy.write(
+        "tests/broken.yaml",
+        "cases:\n  - name: a word\n    claims: {sub: m}\n    expect: SECRETVAL1\n  \
+         - name: a code\n    claims: {sub: m}\n    message: {type: ping}\n    expect: {code: SECRETVAL2}\n",
+    );
+    let (code, stdout, stderr) = wsgate(&["policy", "test", copy.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("tests/broken.yaml:"), "{stdout}{stderr}");
+    assert!(!stdout.contains("SECRETVAL") && !stderr.contains("SECRETVAL"), "{stdout}{stderr}");
 }

@@ -262,3 +262,68 @@ async fn a_key_file_outside_the_policy_directory_is_watched_too() {
     std::fs::rename(&tmp, keys.path().join("pub.pem")).unwrap();
     wait_for(|| gw.policy().generation == 2).await;
 }
+
+/// `GET /v1/policy` through the admin handler, as a client would see it.
+async fn admin_policy(gw: &Arc<Gateway>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let handler = tokio::spawn(wsgate::admin::handle(server, gw.clone()));
+    client.write_all(b"GET /v1/policy HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    client.read_to_string(&mut response).await.unwrap();
+    handler.await.unwrap();
+    response
+}
+
+/// One way to break the policy directory.
+type Breaks<'a> = Box<dyn Fn() + 'a>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_shows_where_and_why_but_never_a_value_from_the_files() {
+    let dir = PolicyCopy::new();
+    let base = dir.read("policy.yaml");
+    let gw = gateway(&dir, Arc::new(secret));
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("leak.yaml"), "version: 1\nmessages:\n  binary: PLANTED-MARKER-OUTSIDE\n")
+        .unwrap();
+    let broken: Vec<(&str, Breaks<'_>)> = vec![
+        ("an unknown variant", Box::new(|| save(&dir, &base.replace("binary: reject", "binary: PLANTED-MARKER-1")))),
+        (
+            "a string where a number goes",
+            Box::new(|| save(&dir, &base.replace("version: 1", "version: PLANTED-MARKER-2"))),
+        ),
+        (
+            "a malformed duration",
+            Box::new(|| save(&dir, &base.replace("idle_timeout: 10m", "idle_timeout: 10PLANTEDMARKER"))),
+        ),
+        (
+            "a CEL syntax error next to a literal",
+            Box::new(|| {
+                save(&dir, &base.replace(r#""banned" in claims.roles'"#, r#""PLANTED-MARKER-5" in claims.roles &&'"#))
+            }),
+        ),
+        ("a value in a schema", Box::new(|| dir.write("schemas/ping.json", r#"{"type": "PLANTED-MARKER-3"}"#))),
+        (
+            "a document linked from outside the directory",
+            Box::new(|| {
+                std::os::unix::fs::symlink(outside.path().join("leak.yaml"), dir.path().join("leak.yaml")).unwrap()
+            }),
+        ),
+    ];
+    let pristine_schema = dir.read("schemas/ping.json");
+    for (what, breaks) in &broken {
+        breaks();
+        let outcome = reload::reload(&gw, Trigger::Admin).await;
+        let shown = format!("{outcome:?}");
+        assert!(matches!(outcome, Outcome::Refused { .. }), "{what}: {shown}");
+        let body = admin_policy(&gw).await;
+        assert!(body.contains("\"last_error\":\""), "{what}: {body}");
+        for text in [&shown, &body] {
+            assert!(!text.contains("PLANTED-MARKER") && !text.contains("PLANTEDMARKER"), "{what} is echoed: {text}");
+        }
+        // Put the file back for the next case.
+        save(&dir, &base);
+        dir.write("schemas/ping.json", &pristine_schema);
+        let _ = std::fs::remove_file(dir.path().join("leak.yaml"));
+    }
+}

@@ -23,7 +23,7 @@ const SLOW: Duration = Duration::from_secs(1);
 fn context() -> &'static cel::Context<'static, 'static> {
     static CTX: OnceLock<cel::Context<'static, 'static>> = OnceLock::new();
     CTX.get_or_init(|| {
-        let mut ctx = cel::Context::with_env(Arc::new(cel::Env::stdlib()));
+        let mut ctx = cel::Context::with_env(Arc::new(expr::env()));
         let request = common::request_info();
         let conn = common::conn_info();
         ctx.add_variable_from_value("claims", json_to_cel(&common::publisher_claims()));
@@ -68,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(took < SLOW, "accepted expression (estimated cost {}) took {took:?}: {}", expr.cost, expr.source);
         if let Err(e) = &result {
             assert!(
-                !e.0.contains("Undeclared reference") && !e.0.contains("interpreter failed"),
+                !e.0.contains("undeclared reference") && !e.0.contains("interpreter failed"),
                 "accepted expression failed at run time with every variable bound: {e}: {}",
                 expr.source
             );

@@ -178,6 +178,9 @@ fn parse_json(text: &str) -> Result<Value, String> {
 
 impl Ctx<'_> {
     async fn start_servers(&mut self, scenario: &Scenario) -> Result<(), String> {
+        for (i, marker) in scenario.never_logged.iter().enumerate() {
+            self.redactor.register(format!("the planted marker `never_logged[{i}]`"), marker.clone());
+        }
         for name in &scenario.signing_keys {
             let key = SigningKey::generate(name)?;
             self.redactor.register(format!("the private signing key `{name}`"), key.private_marker.clone());

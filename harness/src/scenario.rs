@@ -56,6 +56,10 @@ pub struct Scenario {
     /// `--redis <seed nodes> --redis-cluster` (sharded pub/sub).
     #[serde(default)]
     pub redis_cluster: bool,
+    /// Markers planted in policy files or messages that no server may ever print: each is
+    /// checked in every log line as a secret is.
+    #[serde(default)]
+    pub never_logged: Vec<String>,
     /// What to do, in order.
     pub steps: Vec<Step>,
 }
@@ -780,6 +784,11 @@ impl Scenario {
         }
         if self.steps.is_empty() {
             return Err("a scenario needs at least one step".into());
+        }
+        if let Some(short) = self.never_logged.iter().find(|m| m.len() < 16) {
+            return Err(format!(
+                "`never_logged` marker `{short}`: at least 16 characters, so it cannot match innocent text"
+            ));
         }
         for key in &self.signing_keys {
             if !valid_name(key) || key.contains(':') {

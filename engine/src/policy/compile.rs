@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use super::decision;
-use super::error::{ErrorSink, PolicyError, PolicyErrors};
+use super::error::{ErrorSink, PolicyError, PolicyErrors, strip_position};
 use super::expr::{self, InputSizes, Var, VarSet};
 use super::keys::{self, JwtSettings, KeyField};
 use super::model::{
@@ -128,7 +128,7 @@ impl<'a> Compiler<'a> {
             options,
             errors: ErrorSink::default(),
             key_files: Vec::new(),
-            cel_env: Arc::new(cel::Env::stdlib()),
+            cel_env: Arc::new(expr::env()),
             sizes: InputSizes {
                 claims: MAX_CLAIMS_BYTES,
                 request: MAX_REQUEST_BYTES,
@@ -212,10 +212,7 @@ impl<'a> Compiler<'a> {
                             "version",
                             doc.version.line,
                             doc.version.col,
-                            format!(
-                                "unsupported policy format version {}; this wsgate reads version 1",
-                                doc.version.value
-                            ),
+                            "unsupported policy format version; this wsgate reads version 1",
                         );
                     }
                     documents.push((file.name.as_str(), doc));
@@ -295,7 +292,12 @@ impl<'a> Compiler<'a> {
                 self.in_range(file, path, spec, d, &range, |d| super::units::format_duration(*d)).map(Limit::Literal)
             }
             None if looks_like_a_duration(&spec.value.0) => {
-                self.error(file, path, spec, format!("`{}` is not a duration: write a number with a unit (ms, s, m, h, d), e.g. \"30s\" or \"1h30m\"", spec.value.0));
+                self.error(
+                    file,
+                    path,
+                    spec,
+                    "not a duration: write a number with a unit (ms, s, m, h, d), e.g. \"30s\" or \"1h30m\"",
+                );
                 None
             }
             None => self.limit_expr(file, path, spec, &spec.value.0, vars, range, decision::duration),
@@ -319,12 +321,7 @@ impl<'a> Compiler<'a> {
             (None, SizeSpec::Text(t))
                 if t.trim().bytes().next().is_some_and(|b| b.is_ascii_digit()) && !t.contains(['(', '?', '+', '*']) =>
             {
-                self.error(
-                    file,
-                    path,
-                    spec,
-                    format!("`{t}` is not a size: write bytes (10240) or a number with B, KiB, MiB, KB or MB"),
-                );
+                self.error(file, path, spec, "not a size: write bytes (10240) or a number with B, KiB, MiB, KB or MB");
                 None
             }
             (None, SizeSpec::Text(t)) => self.limit_expr(file, path, spec, t, vars, range, decision::count),
@@ -376,7 +373,7 @@ impl<'a> Compiler<'a> {
                 file,
                 path,
                 at,
-                format!("{} is out of range: allowed {} to {}", show(&v), show(range.start()), show(range.end())),
+                format!("out of range: allowed {} to {}", show(range.start()), show(range.end())),
             );
             None
         }
@@ -440,12 +437,12 @@ impl<'a> Compiler<'a> {
     ) {
         for (i, r) in rules.into_iter().enumerate() {
             let name = r.name.value.trim().to_string();
-            if let Some(other) = seen.insert(name.clone(), format!("{path}[{i}]")) {
+            if let Some(other) = seen.insert(name, format!("{path}[{i}]")) {
                 self.error(
                     file,
                     &format!("{path}[{i}].name"),
                     &r.name,
-                    format!("rule name `{name}` is already used by {other}"),
+                    format!("this name is already used by {other}"),
                 );
             }
         }
@@ -489,7 +486,7 @@ impl<'a> Compiler<'a> {
         let dir = self.source.dir.clone();
         let key_files = &mut self.key_files;
         let mut read = |path: &str| -> Result<Vec<u8>, String> {
-            let text = read_bounded(&keys::key_path(&dir, path)).map_err(|e| format!("{path}: {e}"))?;
+            let text = read_bounded(&keys::key_path(&dir, path))?;
             key_files.push((path.to_string(), text.clone().into_bytes()));
             Ok(text.into_bytes())
         };
@@ -639,13 +636,13 @@ impl<'a> Compiler<'a> {
         let mut global = Vec::new();
         for (i, spec) in m.rules.iter().enumerate() {
             if let Some(types) = &spec.types {
-                for t in types {
+                for (j, t) in types.iter().enumerate() {
                     if !m.types.contains_key(t) {
                         self.error(
                             file,
-                            &format!("messages.rules[{i}].types"),
+                            &format!("messages.rules[{i}].types[{j}]"),
                             &spec.name,
-                            format!("unknown message type `{t}`"),
+                            "not a message type defined in messages.types",
                         );
                     }
                 }
@@ -674,7 +671,7 @@ impl<'a> Compiler<'a> {
                     file,
                     &format!("{path}.schema"),
                     &t.schema,
-                    format!("no schema file {schema_file} in the policy directory"),
+                    "no such file in the policy directory's schemas/",
                 );
             }
             let mut rules = Vec::new();
@@ -752,7 +749,7 @@ impl<'a> Compiler<'a> {
                 Err(e) => {
                     let at = e.schema_path().to_string();
                     let path = if at.is_empty() { String::new() } else { format!("schema {at}") };
-                    self.errors.push(&file.name, &path, 1, 1, format!("invalid JSON Schema: {e}"));
+                    self.errors.push(&file.name, &path, 1, 1, format!("invalid JSON Schema: {}", schema_message(&e)));
                 }
             }
         }
@@ -776,16 +773,22 @@ impl<'a> Compiler<'a> {
     }
 }
 
-/// serde-saphyr's message without the snippet and the trailing position we print ourselves.
+/// serde-saphyr's message, without the snippet, the position (printed in front) or any value.
 pub(crate) fn yaml_message(e: &serde_saphyr::Error) -> String {
-    strip_position(&e.without_snippet().to_string())
+    super::error::yaml_message(e)
 }
 
-fn strip_position(message: &str) -> String {
-    let first = message.lines().next().unwrap_or_default();
-    match first.rfind(" at line ") {
-        Some(i) => first[..i].to_string(),
-        None => first.to_string(),
+/// What is wrong with a schema, by keyword and place: jsonschema's own message quotes the
+/// offending value (and a `$ref`'s address).
+fn schema_message(e: &jsonschema::ValidationError<'_>) -> String {
+    match e.kind() {
+        jsonschema::error::ValidationErrorKind::Referencing(_) => {
+            "a `$ref` that does not resolve inside this schema (nothing is ever fetched)".to_string()
+        }
+        kind => {
+            let at = e.instance_path().to_string();
+            format!("`{}` does not hold at `{}`", kind.keyword(), if at.is_empty() { "/" } else { &at })
+        }
     }
 }
 
@@ -814,9 +817,7 @@ pub fn parse_token_source(text: &str) -> Result<TokenSource, String> {
         "header" if valid_name(name) => TokenSource::Header(name.to_ascii_lowercase()),
         "cookie" if valid_name(name) => TokenSource::Cookie(name.to_string()),
         _ => {
-            return Err(format!(
-                "`{text}` is not a token source: use query:NAME, header:NAME, cookie:NAME or subprotocol"
-            ));
+            return Err("not a token source: use query:NAME, header:NAME, cookie:NAME or subprotocol".to_string());
         }
     };
     Ok(source)
@@ -827,8 +828,7 @@ pub fn parse_origin_pattern(text: &str) -> Result<OriginPattern, String> {
     if text == "*" {
         return Ok(OriginPattern::Any);
     }
-    let bad =
-        || format!("`{text}` is not an origin: use \"*\", \"https://app.example.com\" or \"https://*.example.com\"");
+    let bad = || "not an origin: use \"*\", \"https://app.example.com\" or \"https://*.example.com\"".to_string();
     let lower = text.to_ascii_lowercase();
     let (scheme, rest) = lower.split_once("://").ok_or_else(bad)?;
     if scheme != "http" && scheme != "https" {

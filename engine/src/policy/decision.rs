@@ -265,7 +265,7 @@ impl HandshakeScope<'_> {
             Value::String(_) => Err(EvalError(format!("the user id must be 1 to {MAX_USER_ID_LEN} bytes"))),
             Value::Int(i) => Ok(i.to_string()),
             Value::UInt(u) => Ok(u.to_string()),
-            other => Err(EvalError(format!("the user id must be a string, got {:?}", other.type_of()))),
+            other => Err(EvalError(format!("the user id must be a string, got {}", other.type_of()))),
         }
     }
 
@@ -312,9 +312,9 @@ pub(crate) fn count(limit: &Limit<u64>, ctx: &Context<'_, '_>, key: &'static str
             let v = match expr.eval(ctx).map_err(|e| fail(e.0))? {
                 Value::Int(i) if i >= 0 => i as u64,
                 Value::UInt(u) => u,
-                other => return Err(fail(format!("expected a non-negative int, got {other:?}"))),
+                other => return Err(fail(format!("expected a non-negative int, got {}", other.type_of()))),
             };
-            if (*min..=*max).contains(&v) { Ok(v) } else { Err(fail(format!("{v} is outside {min}..={max}"))) }
+            if (*min..=*max).contains(&v) { Ok(v) } else { Err(fail(format!("the result is outside {min}..={max}"))) }
         }
     }
 }
@@ -330,9 +330,13 @@ pub(crate) fn duration(
             let fail = |error: String| LimitError { key, error };
             let v = match expr.eval(ctx).map_err(|e| fail(e.0))? {
                 Value::Duration(d) => d.to_std().map_err(|_| fail("negative duration".into()))?,
-                other => return Err(fail(format!("expected a duration, got {other:?}"))),
+                other => return Err(fail(format!("expected a duration, got {}", other.type_of()))),
             };
-            if (*min..=*max).contains(&v) { Ok(v) } else { Err(fail(format!("{v:?} is outside {min:?}..={max:?}"))) }
+            if (*min..=*max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(fail(format!("the result is outside {min:?}..={max:?}")))
+            }
         }
     }
 }
@@ -421,7 +425,7 @@ impl ConnContext {
                 .map(|e| {
                     let schema_path = e.schema_path().to_string();
                     let keyword = schema_path.rsplit('/').next().unwrap_or_default().to_string();
-                    let at = e.instance_path().to_string();
+                    let at = schema_named_path(&e.instance_path().to_string(), &schema_path);
                     format!("does not match the schema: `{keyword}` at `{}`", if at.is_empty() { "/" } else { &at })
                 })
                 .unwrap_or_default();
@@ -472,6 +476,19 @@ impl ConnContext {
         let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
         (denied.map_or(Ok(()), Err), audit)
     }
+}
+
+/// The place of a schema violation, with only the keys the schema names (under `properties`)
+/// and array indexes: any other key is one the client chose (`additionalProperties`,
+/// `patternProperties`), and is shown as `*`, since this text is logged.
+fn schema_named_path(instance_path: &str, schema_path: &str) -> String {
+    let parts: Vec<&str> = schema_path.split('/').collect();
+    let named: Vec<&str> = parts.windows(2).filter(|w| w[0] == "properties").map(|w| w[1]).collect();
+    instance_path
+        .split('/')
+        .skip(1)
+        .map(|seg| if seg.bytes().all(|b| b.is_ascii_digit()) || named.contains(&seg) { seg } else { "*" })
+        .fold(String::new(), |path, seg| path + "/" + seg)
 }
 
 fn truncate(s: &str, max: usize) -> String {

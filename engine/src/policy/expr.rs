@@ -17,13 +17,27 @@
 //!    their worst-case size, and a comprehension multiplies its body by its range's worst-case
 //!    length. Sizes of inputs come from the policy's own bounds (`messages.max_bytes`, the
 //!    token and header limits).
+//!
+//! Regular expressions (`matches`) must be string literals: each is compiled here, once, under
+//! [`MAX_REGEX_BYTES`], and the expression is rewritten to call the compiled regex (see
+//! `matches.rs`), so no evaluation compiles a pattern and no pattern can come from a message or
+//! a claim.
+//!
+//! Run-time errors ([`EvalError`]) name the kind of failure and the types involved, never an
+//! operand's value: a value can be a claim, a message field or a token, and these errors are
+//! logged and shown in policy test output.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use cel::common::ast::{EntryExpr, Expr as Node};
-use cel::{Context, IdedExpr, Program, Value};
+use cel::common::ast::{EntryExpr, Expr as Node, LiteralValue};
+use cel::objects::ValueType;
+use cel::{Context, ExecutionError, IdedExpr, Program, Value};
+use regex::Regex;
+
+pub use super::matches::MAX_REGEX_BYTES;
+use super::matches::{self, RegexScope, RegexTable};
 
 /// Longest expression accepted, in bytes.
 pub const MAX_EXPR_LEN: usize = 4096;
@@ -133,8 +147,10 @@ impl InputSizes {
 pub struct Expr {
     /// The expression as written, for messages and decision logs.
     pub source: Arc<str>,
-    /// The parsed program.
-    program: Program,
+    /// The parsed tree, with every `matches` rewritten to call one of `regexes`.
+    tree: IdedExpr,
+    /// The regular expressions its `matches` calls use, compiled at load.
+    regexes: Arc<[Regex]>,
     /// The variables it reads, so callers bind only those.
     pub uses: VarSet,
     /// Its estimated worst-case cost.
@@ -240,13 +256,14 @@ pub fn compile(source: &str, allowed: VarSet, sizes: &InputSizes) -> Result<Expr
     }
     let program = match Program::compile(source) {
         Ok(program) => program,
-        Err(e) => return refuse(format!("CEL syntax error: {}", one_line(&e.to_string()))),
+        Err(e) => return refuse(super::error::cel_syntax_message(&e)),
     };
     let depth = tree_depth(program.expression());
     if depth > MAX_AST_DEPTH {
         return refuse(format!("expression is nested {depth} levels deep; at most {MAX_AST_DEPTH} are allowed"));
     }
-    let mut check = Checker { allowed, sizes, uses: VarSet::NONE, scopes: Vec::new(), nesting: 0 };
+    let mut check =
+        Checker { allowed, sizes, uses: VarSet::NONE, scopes: Vec::new(), nesting: 0, regexes: RegexTable::default() };
     let estimate = check.visit(program.expression())?;
     if estimate.cost > COST_BUDGET {
         return refuse(format!(
@@ -255,11 +272,18 @@ pub fn compile(source: &str, allowed: VarSet, sizes: &InputSizes) -> Result<Expr
             estimate.cost
         ));
     }
-    Ok(Expr { source: source.into(), program, uses: check.uses, cost: estimate.cost })
+    let mut tree = program.expression().clone();
+    let regexes = check.regexes.finish(&mut tree);
+    Ok(Expr { source: source.into(), tree, regexes, uses: check.uses, cost: estimate.cost })
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// The CEL environment policies run in: the standard library, plus the function that
+/// `matches` calls are rewritten to. Build one per policy (it is the expensive part of a
+/// context) and evaluate every [`Expr`] in a context made from it.
+pub fn env() -> cel::Env {
+    let mut env = cel::Env::stdlib();
+    matches::register(&mut env);
+    env
 }
 
 /// The depth of an expression tree, measured with an explicit stack so that a hostile tree
@@ -320,13 +344,14 @@ struct Checker<'a> {
     /// Comprehension variables in scope, with the worst-case size of their values.
     scopes: Vec<HashMap<String, u64>>,
     nesting: usize,
+    /// The patterns of its `matches` calls, compiled.
+    regexes: RegexTable,
 }
 
 impl Checker<'_> {
     fn visit(&mut self, node: &IdedExpr) -> Result<Estimate, ExprError> {
         match &node.expr {
             Node::Literal(lit) => {
-                use cel::common::ast::LiteralValue;
                 let size = match lit {
                     LiteralValue::String(s) => s.len() as u64,
                     LiteralValue::Bytes(b) => b.len() as u64,
@@ -445,6 +470,9 @@ impl Checker<'_> {
         if target.is_none() && (METHOD_ONLY.contains(&name) || name.starts_with("get")) {
             return refuse(format!("`{name}` is a method: write value.{name}(…)"));
         }
+        if name == "matches" {
+            self.pattern(target, args)?;
+        }
         let mut operands = Vec::with_capacity(args.len() + 1);
         if let Some(t) = target {
             operands.push(self.visit(t)?);
@@ -465,8 +493,8 @@ impl Checker<'_> {
             // A prefix or suffix test reads at most the shorter operand; `contains` scans.
             "startsWith" | "endsWith" => (size(0).min(size(1)) / 8, 1),
             "contains" => (size(0) / 8, 1),
-            // A regex is compiled per call and then runs in linear time.
-            "matches" => (size(0) / 8 + size(1).saturating_mul(16), 1),
+            // The regex was compiled at load; a search runs in time linear in the text.
+            "matches" => (size(0) / 4, 1),
             "string" | "bytes" => (size(0), size(0)),
             "_?_:_" => (0, size(1).max(size(2))),
             "_[_]" => (0, size(0)),
@@ -477,7 +505,25 @@ impl Checker<'_> {
     }
 }
 
-/// Why an evaluation did not produce a usable answer. Callers fail closed on it.
+impl Checker<'_> {
+    /// The pattern of a `matches` call: a string literal, compiled now.
+    fn pattern(&mut self, target: Option<&IdedExpr>, args: &[IdedExpr]) -> Result<(), ExprError> {
+        let pattern = match (target, args) {
+            (Some(_), [pattern]) | (None, [_, pattern]) => pattern,
+            _ => return refuse("`matches` takes a string and a pattern: write text.matches('^[a-z]+$')"),
+        };
+        match &pattern.expr {
+            Node::Literal(LiteralValue::String(p)) => self.regexes.add(p.inner()),
+            _ => refuse(
+                "the pattern of `matches` must be a string literal: patterns are compiled once, at load, \
+                 and never taken from a message or a claim",
+            ),
+        }
+    }
+}
+
+/// Why an evaluation did not produce a usable answer. Callers fail closed on it. The text names
+/// the kind of failure and the types involved, never a value (see [`describe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EvalError(pub String);
 
@@ -491,9 +537,10 @@ impl Expr {
     /// Evaluates in `ctx`. A panic inside the CEL interpreter is caught and becomes an error,
     /// so a policy can never take the process down.
     pub fn eval(&self, ctx: &Context<'_, '_>) -> Result<Value, EvalError> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.program.execute(ctx))) {
+        let _regexes = (!self.regexes.is_empty()).then(|| RegexScope::enter(&self.regexes));
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.resolve(&self.tree))) {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(EvalError(one_line(&e.to_string()))),
+            Ok(Err(e)) => Err(EvalError(describe(&e))),
             Err(_) => Err(EvalError("the CEL interpreter failed on this expression".into())),
         }
     }
@@ -502,9 +549,52 @@ impl Expr {
     pub fn eval_bool(&self, ctx: &Context<'_, '_>) -> Result<bool, EvalError> {
         match self.eval(ctx)? {
             Value::Bool(b) => Ok(b),
-            other => Err(EvalError(format!("expected a bool, got {:?}", other.type_of()))),
+            other => Err(EvalError(format!("expected a bool, got {}", type_name(other.type_of())))),
         }
     }
+}
+
+/// A run-time error by kind, with the names of functions and the types of operands only. The
+/// interpreter's own messages print operand values (`Unsupported binary operator '_+_': Int(1),
+/// String("…")`) and map keys, which can be claims, message fields or tokens.
+pub fn describe(e: &ExecutionError) -> String {
+    let ty = |v: &Value| type_name(v.type_of());
+    let function = |f: &str| if f == matches::COMPILED { "matches".to_string() } else { f.to_string() };
+    match e {
+        ExecutionError::InvalidArgumentCount { expected, actual } => {
+            format!("wrong number of arguments: expected {expected}, got {actual}")
+        }
+        ExecutionError::UnsupportedTargetType { target } => format!("unsupported target of type {}", ty(target)),
+        ExecutionError::NotSupportedAsMethod { method, target } => {
+            format!("`{}` is not a method of {}", function(method), ty(target))
+        }
+        ExecutionError::UnsupportedKeyType(v) => format!("a {} cannot be a map key", ty(v)),
+        ExecutionError::UnexpectedType { got, want } => format!("unexpected type: got {got}, want {want}"),
+        ExecutionError::NoSuchKey(_) => "no such key".to_string(),
+        ExecutionError::NoSuchOverload(o) => {
+            format!("no overload of `{}` for ({})", function(o.function()), o.argument_types().join(", "))
+        }
+        ExecutionError::UndeclaredReference(_) => "undeclared reference".to_string(),
+        ExecutionError::MissingArgumentOrTarget => "missing argument or target".to_string(),
+        ExecutionError::ValuesNotComparable(a, b) => format!("a {} cannot be compared to a {}", ty(a), ty(b)),
+        ExecutionError::UnsupportedBinaryOperator(op, a, b) => {
+            format!("operator `{op}` does not apply to {} and {}", ty(a), ty(b))
+        }
+        ExecutionError::UnsupportedIndex(index, target) => {
+            format!("cannot index a {} with a {}", ty(target), ty(index))
+        }
+        ExecutionError::FunctionError { function: f, .. } => format!("`{}` failed", function(f)),
+        ExecutionError::DivisionByZero(_) => "division by zero".to_string(),
+        ExecutionError::RemainderByZero(_) => "remainder by zero".to_string(),
+        ExecutionError::Overflow(op, _, _) => format!("overflow in `{op}`"),
+        ExecutionError::IndexOutOfBounds(_) => "index out of bounds".to_string(),
+        ExecutionError::DuplicateKey(_) => "duplicate map key".to_string(),
+        _ => "evaluation failed".to_string(),
+    }
+}
+
+fn type_name(t: ValueType) -> String {
+    t.to_string()
 }
 
 #[cfg(test)]
@@ -597,7 +687,7 @@ mod tests {
         ] {
             assert!(compile(src, ALL, &SIZES).is_err(), "{src}");
         }
-        let ctx = Context::with_env(Arc::new(cel::Env::stdlib()));
+        let ctx = Context::with_env(Arc::new(env()));
         for src in ["type(1) == int", "type('a') == string", "type([]) == list", "type(null) == null_type"] {
             assert_eq!(accepted(src).eval_bool(&ctx), Ok(true), "{src}");
         }
@@ -641,8 +731,7 @@ mod tests {
             "timestamp('2026-01-02T03:04:05Z').getSeconds() == 5",
             "[1,2].exists(x, x == 2) ? 1 - 1 * 2 / 1 % 3 >= -1 : !false",
         ];
-        let env = Arc::new(cel::Env::stdlib());
-        let ctx = Context::with_env(env);
+        let ctx = Context::with_env(Arc::new(env()));
         for s in samples {
             let e = accepted(s);
             assert_eq!(e.eval_bool(&ctx), Ok(true), "{s}");
@@ -657,7 +746,7 @@ mod tests {
         std::thread::Builder::new()
             .stack_size(2 << 20)
             .spawn(move || {
-                let ctx = Context::with_env(Arc::new(cel::Env::stdlib()));
+                let ctx = Context::with_env(Arc::new(env()));
                 assert_eq!(expr.eval_bool(&ctx), Ok(true));
                 drop(expr);
             })
@@ -667,8 +756,76 @@ mod tests {
     }
 
     #[test]
+    fn matches_runs_the_regex_compiled_at_load_in_both_forms() {
+        let mut ctx = Context::with_env(Arc::new(env()));
+        ctx.add_variable_from_value(
+            "claims",
+            cel::Value::Map(std::collections::HashMap::from([("sub".to_string(), cel::Value::from("alice-1"))]).into()),
+        );
+        for (src, want) in [
+            ("claims.sub.matches('^[a-z0-9-]+$')", true),
+            ("matches(claims.sub, '^[a-z]+$')", false),
+            // One pattern used twice is compiled once; two patterns each get their own.
+            ("claims.sub.matches('^a') && matches(claims.sub, '^a') && !claims.sub.matches('^b')", true),
+            ("['x1', 'y2'].exists(s, s.matches('^y[0-9]$'))", true),
+        ] {
+            let e = accepted(src);
+            assert_eq!(e.eval_bool(&ctx), Ok(want), "{src}");
+        }
+        assert_eq!(accepted("claims.sub.matches('^a') && matches(claims.sub, '^a')").regexes.len(), 1);
+        // The compiled regexes belong to their expression: after it, none are visible.
+        let e = accepted("claims.sub.matches('^a')");
+        assert_eq!(e.eval_bool(&ctx), Ok(true));
+        assert!(matches::evaluating_none());
+    }
+
+    #[test]
+    fn a_matches_pattern_must_be_a_literal_that_compiles_within_the_bound() {
+        for src in
+            ["claims.sub.matches(claims.re)", "matches(claims.sub, message.re)", "claims.sub.matches('^' + claims.re)"]
+        {
+            assert!(refused(src).contains("must be a string literal"), "{src}");
+        }
+        assert!(refused(r"claims.sub.matches('^[\\w\\s]{1,500}$')").contains("too large once compiled"));
+        let e = refused("claims.sub.matches('(SECRET')");
+        assert!(e.contains("unclosed group") && !e.contains("SECRET"), "{e}");
+        // Unicode classes are large: twenty copies of `[\w\s]` fit, thirty do not; the ASCII
+        // class fits even five hundred times.
+        accepted(r"claims.sub.matches('^[\\w\\s]{1,20}$')");
+        assert!(refused(r"claims.sub.matches('^[\\w\\s]{1,30}$')").contains("too large once compiled"));
+        accepted(r"claims.sub.matches('^[a-zA-Z0-9_ ]{1,500}$')");
+    }
+
+    #[test]
+    fn run_time_errors_name_types_never_values() {
+        let mut ctx = Context::with_env(Arc::new(env()));
+        ctx.add_variable_from_value(
+            "claims",
+            cel::Value::Map(
+                std::collections::HashMap::from([("sub".to_string(), cel::Value::from("SECRETVAL"))]).into(),
+            ),
+        );
+        for src in [
+            "claims.sub + 1 == 1",
+            "claims.sub < 1",
+            "claims[claims.sub] == 1",
+            "claims.nope == 1",
+            "int(claims.sub) == 1",
+            "timestamp(claims.sub) < now",
+            "duration(claims.sub) > duration('1s')",
+            "{claims.sub: 1, claims.sub: 2}.size() == 1",
+            "[1][claims.sub] == 1",
+            "claims.sub.matches('^S') && size(claims.sub) / 0 == 1",
+        ] {
+            let e = compile(src, ALL, &SIZES).unwrap_or_else(|e| panic!("{src}: {e}"));
+            let err = e.eval_bool(&ctx).expect_err(src);
+            assert!(!err.0.contains("SECRETVAL") && !err.0.contains("nope"), "{src}: {err}");
+        }
+    }
+
+    #[test]
     fn non_bool_results_are_errors() {
-        let ctx = Context::with_env(Arc::new(cel::Env::stdlib()));
+        let ctx = Context::with_env(Arc::new(env()));
         assert!(accepted("1 + 1").eval_bool(&ctx).is_err());
     }
 }

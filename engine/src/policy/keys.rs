@@ -212,7 +212,7 @@ pub fn load(
     let mut algorithms = Vec::new();
     for name in settings.algorithms {
         let alg = Algorithm::from_str(name).map_err(|_| {
-            (KeyField::Algorithms, format!("unknown algorithm `{name}` (HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"))
+            (KeyField::Algorithms, "unknown algorithm (use HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA)".to_string())
         })?;
         if !algorithms.contains(&alg) {
             algorithms.push(alg);
@@ -262,11 +262,15 @@ pub fn load(
         ))?;
         let secret = secret_lookup(var)
             .filter(|s| !s.is_empty())
-            .ok_or((KeyField::SecretEnv, format!("environment variable {var} is not set")))?;
+            .ok_or((KeyField::SecretEnv, format!("{} is not set", shown_var(var))))?;
         if secret.len() < MIN_SECRET_BYTES {
             return Err((
                 KeyField::SecretEnv,
-                format!("the secret in {var} is {} bytes; at least {MIN_SECRET_BYTES} are required", secret.len()),
+                format!(
+                    "the secret in {} is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                    shown_var(var),
+                    secret.len()
+                ),
             ));
         }
         KeySet::Secret(DecodingKey::from_secret(secret.as_bytes()))
@@ -294,7 +298,7 @@ pub fn load(
             (None, Some(path)) => {
                 let text = read_file(path).map_err(|e| (KeyField::JwksFile, e))?;
                 let set: JwkSet =
-                    serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, format!("not a JWKS: {e}")))?;
+                    serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, jwks_error(&e)))?;
                 KeySet::Jwks(jwks_keys(&set, &validation)?)
             }
         }
@@ -322,8 +326,8 @@ fn jwks_keys(set: &JwkSet, validation: &Validation) -> Result<Vec<JwksKey>, (Key
             })
             .collect();
         if algorithms.is_empty() {
-            let kid = jwk.common.key_id.as_deref().unwrap_or("no kid");
-            return Err((KeyField::JwksFile, format!("key {i} ({kid}) fits none of the policy's algorithms")));
+            // Named by position: a kid is a value from the file.
+            return Err((KeyField::JwksFile, format!("key {i} fits none of the policy's algorithms")));
         }
         let mut narrowed = validation.clone();
         narrowed.algorithms = algorithms;
@@ -360,4 +364,27 @@ fn pem_key(algorithms: &[Algorithm], pem: &[u8]) -> Result<DecodingKey, String> 
 pub fn key_path(dir: &Path, path: &str) -> std::path::PathBuf {
     let p = Path::new(path);
     if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
+}
+
+/// Why a JWKS file does not parse, by position: serde_json's message quotes the offending value.
+fn jwks_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Data => "not a JWKS (a JSON object with a `keys` list of JWKs)",
+        serde_json::error::Category::Eof => "not a JWKS: the JSON ends early",
+        _ => "not a JWKS: not valid JSON",
+    };
+    format!("{what} (line {}, column {} of the file)", e.line(), e.column())
+}
+
+/// How an error names `secret_env`'s variable: by name only when that cannot be a secret pasted
+/// there by mistake — it has the shape of a variable name and is shorter than any secret
+/// accepted — since errors are logged and shown by the admin API.
+fn shown_var(var: &str) -> String {
+    let name_shaped = var.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+        && var.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if name_shaped && var.len() < MIN_SECRET_BYTES {
+        format!("environment variable {var}")
+    } else {
+        "the environment variable `secret_env` names".to_string()
+    }
 }

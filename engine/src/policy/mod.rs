@@ -3,14 +3,16 @@
 //! `source` reads the files, `model` says what they may contain, `compile` turns them into a
 //! `Policy` (every CEL expression, schema and key checked and compiled; any error refuses the
 //! whole policy), `decision` evaluates a compiled policy for a handshake or a message, and
-//! `testing` runs a policy's own test cases. `wsgate policy check`, `wsgate policy test` and
-//! `wsgate serve` all go through [`compile`](compile::compile): there is one path, not two.
+//! `testing` runs a policy's own test cases; `matches` holds the regexes compiled at load.
+//! `wsgate policy check`, `wsgate policy test` and `wsgate serve` all go through
+//! [`compile`](compile::compile): there is one path, not two.
 
 pub mod compile;
 pub mod decision;
 pub mod error;
 pub mod expr;
 pub mod keys;
+pub mod matches;
 pub mod model;
 pub mod source;
 pub mod testing;

@@ -5,6 +5,12 @@
 //! (`*~`, `#*#`, `*.swp`, `*.tmp`, vim's `4913`) are ignored, so a half-saved file never becomes
 //! part of a policy. Reading is separate from compiling so that tests can compile a policy
 //! held in memory.
+//!
+//! Every file read must resolve inside the directory: a symbolic link that leads out of it is
+//! refused unread (its contents would otherwise be parsed, and quoted in errors, with the
+//! server's rights). Links that stay inside are followed, as a Kubernetes ConfigMap volume
+//! needs (`policy.yaml -> ..data/policy.yaml`, `..data -> ..2026_12_04…`). Key files named by
+//! the policy (`public_key_file`, `jwks_file`) are not part of the scan and may live anywhere.
 
 use std::path::{Path, PathBuf};
 
@@ -42,9 +48,12 @@ impl PolicySource {
     /// or not UTF-8, or a `.yml` file stands where only `.yaml` is read.
     pub fn read_dir(dir: &Path) -> Result<PolicySource, PolicyErrors> {
         let mut errors = Vec::new();
-        let documents = read_files(dir, "", "yaml", &mut errors);
-        let schemas = read_files(&dir.join("schemas"), "schemas/", "json", &mut errors);
-        let tests = read_files(&dir.join("tests"), "tests/", "yaml", &mut errors);
+        // Resolved once: every file must resolve under it. When the directory cannot be
+        // resolved, reading it fails below with the reason.
+        let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let documents = read_files(&root, dir, "", "yaml", &mut errors);
+        let schemas = read_files(&root, &dir.join("schemas"), "schemas/", "json", &mut errors);
+        let tests = read_files(&root, &dir.join("tests"), "tests/", "yaml", &mut errors);
         if documents.is_empty() && errors.is_empty() {
             errors.push(dir_error(dir, "no policy documents (*.yaml) in this directory"));
         }
@@ -71,7 +80,7 @@ pub fn is_ignored_name(name: &str) -> bool {
         || name == "4913"
 }
 
-fn read_files(dir: &Path, prefix: &str, ext: &str, errors: &mut Vec<PolicyError>) -> Vec<SourceFile> {
+fn read_files(root: &Path, dir: &Path, prefix: &str, ext: &str, errors: &mut Vec<PolicyError>) -> Vec<SourceFile> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         // Optional subdirectories (schemas/, tests/) may be absent.
@@ -103,7 +112,19 @@ fn read_files(dir: &Path, prefix: &str, ext: &str, errors: &mut Vec<PolicyError>
         if !name.ends_with(&format!(".{ext}")) {
             continue;
         }
-        match read_bounded(&path) {
+        // The file read is the resolved one, so what was checked is what is read.
+        let resolved = match std::fs::canonicalize(&path) {
+            Ok(resolved) if resolved.starts_with(root) => resolved,
+            Ok(_) => {
+                errors.push(file_error(&rel, OUTSIDE));
+                continue;
+            }
+            Err(e) => {
+                errors.push(file_error(&rel, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        match read_bounded(&resolved) {
             Ok(text) => files.push(SourceFile { name: rel, text }),
             Err(message) => errors.push(file_error(&rel, message)),
         }
@@ -114,6 +135,11 @@ fn read_files(dir: &Path, prefix: &str, ext: &str, errors: &mut Vec<PolicyError>
     files.sort_by(|a, b| a.name.cmp(&b.name));
     files
 }
+
+/// Why a file that links out of the policy directory is not read. The target is not named: the
+/// link and its place in the directory are what the operator acts on.
+const OUTSIDE: &str = "resolves outside the policy directory (a symbolic link out of it): policy documents, \
+                       schemas and tests must live inside the directory; only key files may live elsewhere";
 
 fn file_error(file: &str, message: impl Into<String>) -> PolicyError {
     PolicyError { file: file.to_string(), line: 0, col: 0, path: String::new(), message: message.into() }
