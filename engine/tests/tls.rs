@@ -177,9 +177,9 @@ async fn one_address_with_600_idle_sockets_does_not_lock_out_another_client() {
     pki.write_leaf(dir.path(), "caps");
     let mut cmd = serve_tls(dir.path(), "127.0.0.1:0");
     cmd.args(["--max-connections", "400"]).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = KillOnDrop(Some(cmd.spawn().unwrap()));
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.0.as_mut().unwrap().stdout.take().unwrap()).read_line(&mut line).unwrap();
     let ws = line.split_whitespace().nth(2).unwrap().strip_prefix("ws=").unwrap().to_string();
     // 600 sockets from 127.0.0.1 that never send a byte, opened at once. What the server does
     // not accept waits in the listen backlog; wait until 500 are connected.
@@ -199,7 +199,19 @@ async fn one_address_with_600_idle_sockets_does_not_lock_out_another_client() {
     assert_eq!(welcome["type"], "welcome");
     assert!(started.elapsed() < Duration::from_secs(2));
     idle.iter().for_each(|c| c.abort());
-    stop(child);
+    stop(child.0.take().unwrap());
+}
+
+/// A server process that a failing assertion does not leave behind.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[test]

@@ -297,8 +297,7 @@ pub fn load(
             }
             (None, Some(path)) => {
                 let text = read_file(path).map_err(|e| (KeyField::JwksFile, e))?;
-                let set: JwkSet =
-                    serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, jwks_error(&e)))?;
+                let set: JwkSet = serde_json::from_slice(&text).map_err(|e| (KeyField::JwksFile, jwks_error(&e)))?;
                 KeySet::Jwks(jwks_keys(&set, &validation)?)
             }
         }
