@@ -397,6 +397,7 @@ fn keys_of_two_families_may_share_a_kid() {
     let (p, rsa, ec, _dir) = rsa_and_ec_jwks_with_kids("k", "k");
     assert!(p.auth.jwt.verify(&signed(RS256, "k", &rsa)).is_ok(), "RS256 token, kid shared");
     assert!(p.auth.jwt.verify(&signed(ES256, "k", &ec)).is_ok(), "ES256 token, kid shared");
+}
 
 #[test]
 fn a_schema_violation_names_the_schema_keys_never_a_key_the_client_chose() {
