@@ -175,7 +175,11 @@ impl SlidingWindow {
             let events: Vec<(Instant, u64)> = admitted.iter().map(|&t| (t, 1)).collect();
             self.state = State::Counted(Box::new(Counted::new(now, per, &events)));
         }
-        if let State::Counted(counted) = &mut self.state {
+        // Re-cutting is needed only when the limit changed shape (a reload): the common case, a
+        // counted window under the same limit, allocates nothing per event.
+        if let State::Counted(counted) = &mut self.state
+            && (exact || counted.per != per)
+        {
             let events = counted.events(now);
             let total = events.iter().fold(0u64, |sum, &(_, n)| sum.saturating_add(n));
             if exact && total <= EXACT_MAX {

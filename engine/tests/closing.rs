@@ -27,11 +27,19 @@ async fn server(edit: impl Fn(String) -> String) -> TcpServer {
     TcpServer::start(gw, ServeOptions::default()).await
 }
 
-/// Reads the welcome frame.
-async fn welcomed(client: &mut RawClient) {
-    let (opcode, payload) = client.frame().await.expect("welcome");
-    assert_eq!(opcode, 1);
-    assert!(String::from_utf8_lossy(&payload).contains("\"welcome\""));
+/// `tries` connections in a row, each writing `frames` (the first `at_once` back to back, the
+/// rest streamed) and then answering the server's close: every one must see `code`.
+async fn every_try_sees(server: &TcpServer, tries: usize, frames: &[Vec<u8>], at_once: usize, code: u16) {
+    for i in 0..tries {
+        let mut client = RawClient::connect(server.addr, &token(&format!("u{i}"), HOUR, &[])).await;
+        let (opcode, payload) = client.frame().await.expect("welcome");
+        assert!(opcode == 1 && String::from_utf8_lossy(&payload).contains("\"welcome\""));
+        let seen = match client.send_each(frames, at_once).await {
+            Ok(()) => client.close_seen(Duration::from_secs(10)).await,
+            Err(seen) => seen,
+        };
+        assert_eq!(seen, Seen::Close(code), "try {i}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,16 +47,7 @@ async fn a_fragmented_message_over_the_limit_sees_1009_200_times_in_a_row() {
     let server = server(|p| p).await;
     // 12,000 bytes in 100-byte fragments, limit 10,240: the server decides 1009 while the
     // client's last fragments are still arriving.
-    let message = fragments(12_000, 100);
-    for i in 0..200 {
-        let mut client = RawClient::connect(server.addr, &token(&format!("u{i}"), HOUR, &[])).await;
-        welcomed(&mut client).await;
-        let seen = match client.send_each(&message, 95).await {
-            Ok(()) => client.close_seen(Duration::from_secs(10)).await,
-            Err(seen) => seen,
-        };
-        assert_eq!(seen, Seen::Close(1009), "try {i}");
-    }
+    every_try_sees(&server, 200, &fragments(12_000, 100), 95, 1009).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,28 +55,12 @@ async fn a_binary_frame_closes_1003_while_the_client_keeps_sending() {
     let server = server(|p| p.replace("binary: reject", "binary: close")).await;
     let mut burst = vec![client_frame(true, 2, b"binary")];
     burst.extend((0..20).map(|_| client_frame(true, 1, br#"{"type":"ping"}"#)));
-    for i in 0..20 {
-        let mut client = RawClient::connect(server.addr, &token(&format!("u{i}"), HOUR, &[])).await;
-        welcomed(&mut client).await;
-        let seen = match client.send_each(&burst, 1).await {
-            Ok(()) => client.close_seen(Duration::from_secs(10)).await,
-            Err(seen) => seen,
-        };
-        assert_eq!(seen, Seen::Close(1003), "try {i}");
-    }
+    every_try_sees(&server, 20, &burst, 1, 1003).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_close_4029_reaches_a_flooding_client() {
     let server = server(|p| p.replace("action: reject}", "action: close}")).await;
     let flood: Vec<_> = (0..40).map(|_| client_frame(true, 1, br#"{"type":"ping"}"#)).collect();
-    for i in 0..20 {
-        let mut client = RawClient::connect(server.addr, &token(&format!("u{i}"), HOUR, &[])).await;
-        welcomed(&mut client).await;
-        let seen = match client.send_each(&flood, 15).await {
-            Ok(()) => client.close_seen(Duration::from_secs(10)).await,
-            Err(seen) => seen,
-        };
-        assert_eq!(seen, Seen::Close(4029), "try {i}");
-    }
+    every_try_sees(&server, 20, &flood, 15, 4029).await;
 }

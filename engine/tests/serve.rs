@@ -222,7 +222,7 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
     // Wait until the first signal has been taken (the admin listener reports draining).
     loop {
         let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
         let mut answer = String::new();
         tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer).await.unwrap();
         if answer.starts_with("HTTP/1.1 503") {

@@ -122,7 +122,7 @@ async fn wss_welcome_over(pki: &Pki, tcp: tokio::net::TcpStream) -> (Vec<u8>, se
 
 async fn metrics(admin: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).await.unwrap();
     text
