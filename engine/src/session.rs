@@ -868,14 +868,12 @@ where
 
     async fn close_now(&mut self, code: CloseCode, reason: &str) -> Ended {
         let frame = CloseFrame { code: code.code().into(), reason: truncate(reason, MAX_CLOSE_REASON).into() };
-        let now = Instant::now();
-        let deadline = now + CLOSE_TIMEOUT;
-        // A client that does not read never takes the close frame: give up on it after the write
-        // deadline, as on any other frame.
-        let written = now + CLOSE_TIMEOUT.min(self.pipeline.limits.heartbeat_timeout);
+        // The close frame may wait behind what a slow client has not read yet: a client that
+        // catches up within the close timeout still learns why (4008 included).
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
         // Whatever the peer still sends is read and discarded until its close: closing with
         // unread input would reset the connection and could destroy our close frame.
-        if let Ok(Ok(())) = timeout_at(written, self.ws.close(Some(frame))).await {
+        if let Ok(Ok(())) = timeout_at(deadline, self.ws.close(Some(frame))).await {
             self.ws.finish_close(deadline).await;
         }
         Ended::Closed(code, reason.to_string())
