@@ -176,6 +176,31 @@ async fn a_reload_ends_the_subscriptions_it_no_longer_allows() {
     assert_eq!(next_json(&mut ws).await["code"], "forbidden");
 }
 
+#[tokio::test]
+async fn a_reload_keeps_subscriptions_that_rules_on_other_fields_cannot_decide() {
+    // A rule for every message that reads `id`: a live subscription has none to show it.
+    let id_rule = |d: String| {
+        d.replace(
+            "  types:\n",
+            "  rules:\n    - name: short-ids\n      allow: '!has(message.id) || message.id.size() < 64'\n  types:\n",
+        )
+    };
+    let strict_id_rule = |d: String| {
+        d.replace("  types:\n", "  rules:\n    - name: short-ids\n      allow: 'message.id.size() < 64'\n  types:\n")
+    };
+    let gw = gateway(id_rule);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    send(&mut ws, json!({"type": "subscribe", "channel": "alerts.eu", "id": "1"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": "1"}));
+    gw.set_policy(reloaded(strict_id_rule, 2));
+    // Still subscribed: the next delivery on the channel arrives, with no `unsubscribed` first.
+    send(&mut ws, json!({"type": "ping", "id": "p"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "pong", "ref": "p"}));
+    gw.backplane.publish(Delivery::new("alerts.eu", gw.ids.next_id(), &json!("still"))).await.unwrap();
+    let message = next_json(&mut ws).await;
+    assert_eq!((message["type"].as_str(), message["data"].as_str()), (Some("message"), Some("still")), "{message}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_reload_moves_live_connections_to_the_new_heartbeat() {
     let gw = gateway(same);

@@ -446,11 +446,13 @@ impl ConnContext {
     }
 
     /// Whether a live subscription to `channel` is still allowed under this context's policy,
-    /// decided as a `subscribe` for it would be by the rules of the `subscribe` type (a
-    /// reloaded policy re-checks every subscription). The schema is not consulted: a live
-    /// subscription has no message whose other fields it could check. Audit-mode rules that
-    /// would refuse are returned for the decision log; a policy without a `subscribe` type
-    /// allows no subscription.
+    /// decided as a `subscribe` for it would be by the rules that apply to `subscribe` (a
+    /// reloaded policy re-checks every subscription). A live subscription has no message beyond
+    /// its type and channel: the schema is not consulted, and a rule that cannot be evaluated on
+    /// those two fields alone (it reads another field of the message, and fails) does not end
+    /// it — only a rule that decides against the channel does. Audit-mode rules that would
+    /// refuse are returned for the decision log; a policy without a `subscribe` type allows no
+    /// subscription.
     pub fn allows_subscription(&self, channel: &str, now: SystemTime) -> (Result<(), Denial>, Vec<Denial>) {
         let Some(t) = self.policy.messages.types.get("subscribe") else {
             let denial = Denial {
@@ -473,8 +475,17 @@ impl ConnContext {
         if t.reads_now {
             scope.add_variable_from_value(Var::Now.name(), timestamp(now));
         }
-        let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
-        (denied.map_or(Ok(()), Err), audit)
+        let mut audit = Vec::new();
+        for rule in &t.rules {
+            match apply(rule, &scope) {
+                // Undecidable from the channel alone (the live subscription was admitted whole).
+                Some(denial) if denial.error.is_some() => {}
+                Some(denial) if rule.mode == RuleMode::Audit => audit.push(denial),
+                Some(denial) => return (Err(denial), audit),
+                None => {}
+            }
+        }
+        (Ok(()), audit)
     }
 }
 
