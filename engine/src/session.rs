@@ -373,12 +373,9 @@ where
             }
             Step::Drop(why) => Some(Ended::Dropped(why)),
             Step::ClientClosed(code) => {
-                // tungstenite has queued the close echo: flush it, then end our side. (Boxed, as
+                // tungstenite has queued the close echo: write it, then end our side. (Boxed, as
                 // `close`: it runs once, and inline it would size every connection's task.)
-                let deadline = Instant::now() + CLOSE_TIMEOUT;
-                if let Ok(Ok(())) = timeout_at(deadline, self.ws.flush()).await {
-                    Box::pin(self.ws.finish_close(deadline)).await;
-                }
+                Box::pin(self.ws.close_within(None, CLOSE_TIMEOUT)).await;
                 Some(Ended::ClientClosed(code))
             }
         }
@@ -786,8 +783,7 @@ where
     }
 
     /// Writes the queued frames. A client that does not take one within the write deadline
-    /// (`heartbeat.timeout`), or whose write buffer is full, is a slow consumer: closed with
-    /// 4008. Most writes complete at once; one the socket cannot take yet waits in
+    /// (`heartbeat.timeout`) is a slow consumer: closed with 4008. Most writes complete at once; one the socket cannot take yet waits in
     /// [`write_waiting`](Self::write_waiting) (boxed: its timers would otherwise take room in
     /// every idle connection's task).
     async fn flush(&mut self) -> Result<(), Ended> {
@@ -804,15 +800,9 @@ where
         Ok(())
     }
 
-    /// Puts one frame in the write buffer; a full one makes the client a slow consumer.
+    /// Puts one frame in the write buffer.
     async fn queue(&mut self, message: Message) -> Result<(), Ended> {
-        match self.ws.queue(message).await {
-            Ok(()) => Ok(()),
-            Err(WsError::WriteBufferFull(_)) => {
-                Err(self.close(CloseCode::SlowConsumer, "the client does not read").await)
-            }
-            Err(_) => Err(Ended::Dropped("write failed")),
-        }
+        self.ws.queue(message).await.map_err(|_| Ended::Dropped("write failed"))
     }
 
     /// Waits for what is buffered to be written, then writes `rest` the same way. While a write
@@ -869,13 +859,10 @@ where
     async fn close_now(&mut self, code: CloseCode, reason: &str) -> Ended {
         let frame = CloseFrame { code: code.code().into(), reason: truncate(reason, MAX_CLOSE_REASON).into() };
         // The close frame may wait behind what a slow client has not read yet: a client that
-        // catches up within the close timeout still learns why (4008 included).
-        let deadline = Instant::now() + CLOSE_TIMEOUT;
-        // Whatever the peer still sends is read and discarded until its close: closing with
-        // unread input would reset the connection and could destroy our close frame.
-        if let Ok(Ok(())) = timeout_at(deadline, self.ws.close(Some(frame))).await {
-            self.ws.finish_close(deadline).await;
-        }
+        // catches up within the close timeout still learns why (4008 included). Whatever the
+        // peer still sends meanwhile is read and discarded until its close: closing with unread
+        // input would reset the connection and could destroy our close frame.
+        self.ws.close_within(Some(frame), CLOSE_TIMEOUT).await;
         Ended::Closed(code, reason.to_string())
     }
 }

@@ -10,7 +10,7 @@
 //! Only the server side of an upgrade this crate answered itself is supported, and one task
 //! drives each connection (there is no split into halves).
 //!
-//! Closing: after the server's close frame, [`WebSocket::finish_close`] keeps reading and
+//! Closing: after the server's close frame, [`WebSocket::close_within`] keeps reading and
 //! discarding raw bytes until the peer's close frame, EOF or a deadline, then shuts down the
 //! write side. Dropping a socket with unread input makes the kernel answer with a reset, which
 //! can destroy the close frame still in flight (a browser then reports 1006, not the code sent),
@@ -29,9 +29,12 @@ use tokio::time::{Instant, timeout_at};
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Error, Message};
 
-/// Room in the write buffer beyond the frame being written: pongs (and a close frame) queue there
-/// for a peer slow to read. A peer that makes the server owe it more than this in pongs without
-/// reading them is a slow consumer: its next read fails with [`Error::WriteBufferFull`].
+/// What may wait in the write buffer beyond the frame being written. Our own frames are written
+/// one at a time, each flushed before the next; only the pongs tungstenite queues by itself for
+/// the peer's pings can pile up behind them. A peer that makes the server owe it more than this
+/// in pongs without reading them is a slow consumer: its next read fails with
+/// [`Error::WriteBufferFull`]. So the buffer holds at most the frame being written, this, and a
+/// close frame.
 pub const WRITE_SLACK_BYTES: usize = 64 * 1024;
 
 /// Bytes of a frame's header, at most (what a payload costs in the write buffer beyond itself).
@@ -43,8 +46,9 @@ pub struct WebSocket<S> {
     protocol: WebSocketContext,
     /// Frame boundaries of what the peer sent, so a close can find the peer's answer.
     inbound: InboundFrames,
-    /// Bytes of pongs answering the peer's pings that could not be written yet: tungstenite
-    /// queues them by itself, so this is where a peer that pings and never reads shows.
+    /// Bytes of pongs answering the peer's pings that could not be written yet (an upper
+    /// bound): tungstenite queues them by itself, so this is where a peer that pings and never
+    /// reads shows, and what bounds the write buffer.
     pongs_owed: usize,
     /// The connection is over: it was closed or failed, and the error was already returned.
     ended: bool,
@@ -64,9 +68,8 @@ where
             protocol: WebSocketContext::from_partially_read(
                 early,
                 Role::Server,
-                // Frames go straight to the socket (no write-behind buffer), and what waits for
-                // a slow peer is bounded.
-                Some(config.write_buffer_size(0).max_write_buffer_size(WRITE_SLACK_BYTES)),
+                // Frames go straight to the socket (no write-behind buffer).
+                Some(config.write_buffer_size(0)),
             ),
             inbound,
             pongs_owed: 0,
@@ -133,14 +136,12 @@ where
     }
 
     /// Puts one message in the write buffer and writes what the socket takes at once; the
-    /// rest goes out with [`flush`](Self::flush). The buffer holds this frame plus at most
-    /// [`WRITE_SLACK_BYTES`] queued before it (pongs); more fails with
-    /// [`Error::WriteBufferFull`] and queues nothing.
+    /// rest goes out with [`flush`](Self::flush), which must complete before the next message
+    /// is queued (see [`WRITE_SLACK_BYTES`]).
     pub async fn queue(&mut self, message: Message) -> Result<(), Error> {
         let mut message = Some(message);
         poll_fn(|cx| {
             let Some(message) = message.take() else { return Poll::Ready(Ok(())) };
-            self.set_write_room(message.len() + MAX_HEADER_BYTES);
             match self.io(cx, |protocol, io| protocol.write(io, message)) {
                 // The frame is queued; the socket is full for now.
                 Poll::Pending => Poll::Ready(Ok(())),
@@ -148,14 +149,6 @@ where
             }
         })
         .await
-    }
-
-    /// Lets the write buffer hold a frame of `frame` bytes beyond the slack.
-    fn set_write_room(&mut self, frame: usize) {
-        let max = WRITE_SLACK_BYTES + frame;
-        if self.protocol.get_config().max_write_buffer_size != max {
-            self.protocol.set_config(|c| c.max_write_buffer_size = max);
-        }
     }
 
     /// Writes out everything queued, including automatic pong and close replies. Cancel-safe:
@@ -178,8 +171,6 @@ where
         };
         if let Poll::Ready(Ok(())) = flushed {
             self.pongs_owed = 0;
-            // Nothing is buffered: back to the slack alone.
-            self.set_write_room(0);
         }
         flushed
     }
@@ -201,11 +192,21 @@ where
         .await
     }
 
+    /// Closes within `within`: sends `frame` — or, after the peer's close, writes out the echo
+    /// tungstenite queued — then ends the connection as [`finish_close`](Self::finish_close)
+    /// does. A peer that takes nothing is given up on at the deadline.
+    pub async fn close_within(&mut self, frame: Option<CloseFrame>, within: std::time::Duration) {
+        let deadline = Instant::now() + within;
+        if let Ok(Ok(())) = timeout_at(deadline, self.close(frame)).await {
+            self.finish_close(deadline).await;
+        }
+    }
+
     /// Ends the connection after a close frame was sent (or the peer's was echoed): reads and
     /// discards what the peer still sends until its close frame has arrived, it closed its side,
     /// the socket failed or `deadline` passed; then shuts down the write side (for TLS, after a
     /// `close_notify`). Nothing read here is decoded beyond frame headers, buffered or acted on.
-    pub async fn finish_close(&mut self, deadline: Instant) {
+    async fn finish_close(&mut self, deadline: Instant) {
         let mut discard = [0u8; 512];
         while !self.inbound.closed {
             match timeout_at(deadline, self.stream.read(&mut discard)).await {
