@@ -434,6 +434,14 @@ impl ConnContext {
         if t.rules.is_empty() {
             return MessageVerdict::default();
         }
+        let scope = self.rule_scope(t, message, now);
+        let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
+        MessageVerdict { refused: denied.map(MessageRefusal::Rule), audit }
+    }
+
+    /// The scope a type's rules run in: the connection's, with `message` and `now` bound when
+    /// the rules read them.
+    fn rule_scope(&self, t: &super::MessageType, message: &serde_json::Value, now: SystemTime) -> Context<'_, '_> {
         let mut scope = self.ctx.new_inner_scope();
         if t.reads_message {
             scope.add_variable_from_value(Var::Message.name(), json_to_cel(message));
@@ -441,8 +449,7 @@ impl ConnContext {
         if t.reads_now {
             scope.add_variable_from_value(Var::Now.name(), timestamp(now));
         }
-        let (denied, audit) = run_rules(t.rules.iter().map(|r| r.as_ref()), &scope);
-        MessageVerdict { refused: denied.map(MessageRefusal::Rule), audit }
+        scope
     }
 
     /// Whether a live subscription to `channel` is still allowed under this context's policy,
@@ -467,14 +474,7 @@ impl ConnContext {
         if t.rules.is_empty() {
             return (Ok(()), Vec::new());
         }
-        let mut scope = self.ctx.new_inner_scope();
-        if t.reads_message {
-            let message = serde_json::json!({"type": "subscribe", "channel": channel});
-            scope.add_variable_from_value(Var::Message.name(), json_to_cel(&message));
-        }
-        if t.reads_now {
-            scope.add_variable_from_value(Var::Now.name(), timestamp(now));
-        }
+        let scope = self.rule_scope(t, &serde_json::json!({"type": "subscribe", "channel": channel}), now);
         let mut audit = Vec::new();
         for rule in &t.rules {
             match apply(rule, &scope) {
