@@ -86,10 +86,17 @@ pub const CLOSE_LABELS: [&str; CloseCode::ALL.len() + 3] = [
 /// (`by_client` false; 0 when it was dropped without a close) or received from the client
 /// (1005 when its close frame had none).
 pub fn close_label(code: u16, by_client: bool) -> &'static str {
+    CLOSE_LABELS[close_index(code, by_client)]
+}
+
+/// Where `code` stands in [`CLOSE_LABELS`] (the last entry, `other`, for any code a client chose).
+fn close_index(code: u16, by_client: bool) -> usize {
+    let other = CLOSE_LABELS.len() - 1;
     let pseudo = if by_client { 1005 } else { 0 };
-    let known = code == pseudo || CloseCode::ALL.iter().any(|c| c.code() == code);
-    let wanted = code.to_string();
-    CLOSE_LABELS.iter().copied().find(|l| known && *l == wanted).unwrap_or(CLOSE_LABELS[CLOSE_LABELS.len() - 1])
+    if code != pseudo && !CloseCode::ALL.iter().any(|c| c.code() == code) {
+        return other;
+    }
+    CLOSE_LABELS.iter().position(|l| l.parse() == Ok(code)).unwrap_or(other)
 }
 
 /// Why a message was rejected (`wsgate_messages_rejected_total{reason}`): an error code, or
@@ -216,9 +223,7 @@ impl Metrics {
 
     /// Counts an ended connection by its [`close_label`].
     pub fn closed(&self, code: u16, by_client: bool) {
-        let label = close_label(code, by_client);
-        let i = CLOSE_LABELS.iter().position(|l| *l == label).unwrap_or(CLOSE_LABELS.len() - 1);
-        self.closed[i].fetch_add(1, Ordering::Relaxed);
+        self.closed[close_index(code, by_client)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a rule's decision: `outcome` is `deny` or `would_deny`.
