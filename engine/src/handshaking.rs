@@ -64,7 +64,7 @@ impl Handshaking {
         if self.total.load(Ordering::Relaxed) >= self.max_total.load(Ordering::Relaxed) {
             return None;
         }
-        let full = prefixes.iter().flatten().any(|p| counts.get(p).is_some_and(|&n| n >= cap(p.1, ip)));
+        let full = prefixes.iter().flatten().any(|p| counts.get(p).is_some_and(|&n| n >= cap(p.1)));
         if full {
             return None;
         }
@@ -102,11 +102,12 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// The cap of a prefix of this length.
-fn cap(len: u8, ip: IpAddr) -> u32 {
-    match (ip.to_canonical(), len) {
-        (IpAddr::V6(_), 56) => PER_56,
-        (IpAddr::V6(_), 48) => PER_48,
+/// The cap of a prefix of this length (/56 and /48 are IPv6 only; an IPv4 /32 and an IPv6 /64
+/// are one address).
+fn cap(len: u8) -> u32 {
+    match len {
+        56 => PER_56,
+        48 => PER_48,
         _ => PER_ADDRESS,
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, timeout, timeout_at};
 use tungstenite::protocol::WebSocketConfig;
 
@@ -102,15 +102,7 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = accept(&listeners.ws) => accepted,
         };
-        let gw = gw.clone();
-        let done = done_tx.clone();
-        let tls = options.tls.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            connection(stream, peer, gw, tls).await;
-            drop(permit);
-            drop(done);
-        });
+        spawn_connection(stream, peer, &gw, &options, permit, Some(done_tx.clone()));
     }
     tracing::info!("shutting down: draining connections");
     gw.set_phase(Phase::Draining);
@@ -128,12 +120,9 @@ pub async fn serve(
             }
             (stream, peer) = accept(&listeners.ws) => {
                 // Answered 503 (after TLS), within the same cap as ever; past it, closed at once.
-                let Ok(permit) = cap.clone().try_acquire_owned() else { continue };
-                let (gw, tls) = (gw.clone(), options.tls.clone());
-                tokio::spawn(async move {
-                    connection(stream, peer, gw, tls).await;
-                    drop(permit);
-                });
+                if let Ok(permit) = cap.clone().try_acquire_owned() {
+                    spawn_connection(stream, peer, &gw, &options, permit, None);
+                }
             }
         }
     }
@@ -143,6 +132,25 @@ pub async fn serve(
     sweeper.abort();
     spike.abort();
     Ok(())
+}
+
+/// Runs one accepted connection in its own task, holding its `permit` of the connection cap
+/// and (while running, not draining) a clone of the drain's `done` sender until it ends.
+fn spawn_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    gw: &Arc<Gateway>,
+    options: &ServeOptions,
+    permit: OwnedSemaphorePermit,
+    done: Option<mpsc::Sender<()>>,
+) {
+    let (gw, tls) = (gw.clone(), options.tls.clone());
+    tokio::spawn(async move {
+        let _ = stream.set_nodelay(true);
+        connection(stream, peer, gw, tls).await;
+        drop(permit);
+        drop(done);
+    });
 }
 
 /// How often the handshake rate is compared with `connections.spike`.
