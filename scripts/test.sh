@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, the workspace's tests, the
 # shipped policies' own checks and tests, the harness scenarios against real wsgate
-# processes (the cluster ones with a redis-server, installed here when missing), the
-# idle-connection memory budget, the live-reload latency, and each fuzz target briefly.
+# processes (the cluster ones with a redis-server and the proxy ones behind an haproxy, both
+# installed here when missing), the idle-connection memory budget, the live-reload latency,
+# and each fuzz target briefly.
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to fuzz longer, FUZZ_SECONDS=0 to skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,29 +11,32 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # The harness starts (and kills) its own redis-server for the cluster scenarios, fanout-latency
-# and its own tests; only the binary is needed. When it is missing, install the Debian package
-# with no service start allowed meanwhile (a policy-rc.d answering 101, unless one exists), so
-# no Redis daemon outlives this script.
-ensure_redis_server() {
-  command -v redis-server >/dev/null 2>&1 && return 0
+# and its own tests, and its own haproxy for the proxy scenarios; only the binaries are needed.
+# When one is missing, install its Debian package with no service start allowed meanwhile (a
+# policy-rc.d answering 101, unless one exists), so no daemon outlives this script.
+ensure_debian_program() {
+  local program="$1" package="$2"
+  command -v "$program" >/dev/null 2>&1 && return 0
+  # Debian puts daemons in sbin, which a non-root PATH may lack; the harness looks there too.
+  [ -x "/usr/sbin/$program" ] && return 0
   local sudo=""
   if [ "$(id -u)" != 0 ]; then
     if ! command -v sudo >/dev/null 2>&1; then
-      echo "redis-server is missing; install it (apt-get install redis-server) or run this as root or with sudo" >&2
+      echo "$program is missing; install it (apt-get install $package) or run this as root or with sudo" >&2
       return 1
     fi
     sudo="sudo"
   fi
   local policy=/usr/sbin/policy-rc.d created="" status=0
   if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs redis-server\nexit 101\n' \
+    printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs %s\nexit 101\n' "$package" \
       | $sudo tee "$policy" >/dev/null
     $sudo chmod 755 "$policy"
     created=1
   fi
   $sudo apt-get update || status=$?
   if [ "$status" = 0 ]; then
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server || status=$?
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$package" || status=$?
   fi
   if [ -n "$created" ]; then
     $sudo rm -f "$policy"
@@ -50,9 +54,11 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-step "redis-server (for the cluster scenarios and the harness's tests)"
-ensure_redis_server
+step "redis-server and haproxy (for the cluster and proxy scenarios and the harness's tests)"
+ensure_debian_program redis-server redis-server
 redis-server --version
+ensure_debian_program haproxy haproxy
+"$(command -v haproxy || echo /usr/sbin/haproxy)" -v | sed -n 1p
 
 step "cargo test"
 cargo test --workspace

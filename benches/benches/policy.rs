@@ -14,7 +14,7 @@ use serde_json::json;
 use wsgate::policy::decision::MessageRefusal;
 use wsgate::policy::expr::{self, InputSizes, Var, VarSet};
 use wsgate::policy::value::json_to_cel;
-use wsgate::policy::{CompileOptions, ConnContext, ConnInfo, Policy, PolicySource, RequestInfo, compile};
+use wsgate::policy::{CompileOptions, ConnContext, ConnInfo, Policy, PolicySource, RequestInfo, Scheme, compile};
 
 const POLICY_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
 const SECRET: &str = "0123456789abcdef0123456789abcdef-bench";
@@ -52,6 +52,7 @@ fn conn_info() -> ConnInfo {
 fn request_info() -> RequestInfo {
     RequestInfo {
         ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+        scheme: Scheme::Wss,
         origin: Some("https://app.example.com".into()),
         path: "/ws".into(),
         query: vec![("v".into(), "1".into())],

@@ -19,20 +19,21 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::broker::Delivery;
-use crate::close::CloseCode;
-use crate::gateway::{Gateway, Phase};
+use crate::broker::delivery::Delivery;
+use crate::close::Ending;
+use crate::gateway::Gateway;
 use crate::http::{self, Request};
+use crate::lifecycle::Phase;
 use crate::reload::{Outcome, Trigger};
 
 /// Largest admin request body.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Longest channel name the admin API publishes to.
-pub const MAX_CHANNEL_LEN: usize = 256;
+pub(crate) const MAX_CHANNEL_LEN: usize = 256;
 /// How long a client may take to send a request head, and then its body.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one admin connection is served, from accept to the end of its answer.
-pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// Most admin connections served at once. Further ones wait in the listen backlog and are
 /// served as slots free up: a burst of scrapes and probes is delayed, not refused, and idle
 /// connections cannot exhaust the process's memory or file descriptors.
@@ -125,10 +126,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: 
             let _ = http::write_response(&mut stream, 200, content_type, &[], text.as_bytes()).await;
             return;
         }
-        ("GET", "/readyz") => match gw.phase() {
-            Phase::Running if gw.cluster.as_ref().is_some_and(|c| !c.is_up()) => {
-                reply(503, json!({"status": "redis_unavailable"}))
-            }
+        ("GET", "/readyz") => match gw.lifecycle.phase() {
+            Phase::Running if gw.broker.redis_away() => reply(503, json!({"status": "redis_unavailable"})),
             Phase::Running => reply(200, json!({"status": "ready"})),
             Phase::Draining => reply(503, json!({"status": "draining"})),
             Phase::Closed => reply(503, json!({"status": "closed"})),
@@ -198,9 +197,9 @@ async fn publish(gw: &Gateway, body: &[u8]) -> Reply {
         return error(400, "bad_request", "`channel` must be 1 to 256 bytes without control characters");
     }
     let data = parsed.get("data").unwrap_or(&Value::Null);
-    let delivery = Delivery::new(channel, gw.ids.next_id(), data);
+    let delivery = Delivery::new(channel, gw.broker.next_id(), data);
     let id = delivery.id.clone();
-    match gw.backplane.publish(delivery).await {
+    match gw.broker.publish(delivery).await {
         Ok(fanout) => reply(200, json!({"id": id, "delivered": fanout.delivered})),
         Err(e) => {
             tracing::error!(error = %e.0, "admin publish failed");
@@ -211,8 +210,8 @@ async fn publish(gw: &Gateway, body: &[u8]) -> Reply {
 
 /// `GET /v1/policy`: what is being enforced, and how the last reload went.
 fn policy(gw: &Gateway) -> Reply {
-    let p = gw.policy();
-    let history = gw.reloads.history();
+    let p = gw.policy.current();
+    let history = gw.policy.history();
     let last_reload =
         history.last.map(|r| json!({"outcome": r.outcome, "trigger": r.trigger.as_str(), "at": rfc3339(r.at)}));
     let (last_error, last_error_at) = match history.last_error {
@@ -240,13 +239,13 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 /// `POST /v1/policy/reload`: reloads now and answers how it went — 200 with the active
 /// generation (`reloaded` or `unchanged`), or 422 with every error (the old policy stays).
 async fn reload(gw: &Gateway) -> Reply {
-    match crate::reload::reload(gw, Trigger::Admin).await {
+    match gw.policy.reload(Trigger::Admin).await {
         Outcome::Applied { generation, content_hash } => {
             reply(200, json!({"outcome": "reloaded", "generation": generation, "content_hash": content_hash}))
         }
         Outcome::Unchanged { generation } => reply(200, json!({"outcome": "unchanged", "generation": generation})),
         Outcome::Refused { errors } => {
-            reply(422, json!({"outcome": "refused", "generation": gw.policy().generation, "errors": errors}))
+            reply(422, json!({"outcome": "refused", "generation": gw.policy.current().generation, "errors": errors}))
         }
         Outcome::NoSource => error(409, "no_policy_directory", "this gateway's policy was not read from a directory"),
     }
@@ -280,12 +279,13 @@ async fn disconnect(gw: &Gateway, body: &[u8]) -> Reply {
     if revoke {
         gw.revocations.revoke(user, now);
     }
-    let closed = gw.sessions.close_user(user, CloseCode::LoggedOut, reason);
-    let everywhere = match &gw.cluster {
-        Some(cluster) => cluster.disconnect(user, reason, revoke.then_some(now)).await,
+    let (code, close_reason) = Ending::LoggedOut(reason.to_string()).close();
+    let closed = gw.registry.close_user(user, code, &close_reason);
+    let everywhere = match gw.broker.redis_link() {
+        Some(redis) => redis.disconnect(user, reason, revoke.then_some(now)).await,
         None => true,
     };
-    tracing::info!(target: crate::decisions::TARGET, kind = "admin", outcome = "disconnect", user, closed, revoke, everywhere, "user disconnected");
+    crate::decisions::admin_disconnect(user, closed, revoke, everywhere);
     reply(200, json!({"user": user, "closed": closed, "revoked": revoke, "everywhere": everywhere}))
 }
 

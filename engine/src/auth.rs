@@ -13,11 +13,13 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::close::Readmission;
 use crate::http::Request;
+use crate::policy::compiled::{Policy, TokenSource};
+use crate::policy::decision::{ConnLimits, RequestInfo, Scheme, Verdict};
 use crate::policy::decision::{Denial, LimitError};
-use crate::policy::expr::EvalError;
+use crate::policy::expr::eval::EvalError;
 use crate::policy::keys::TokenError;
-use crate::policy::{ConnLimits, Policy, RequestInfo, TokenSource, Verdict};
 
 /// The subprotocol wsgate speaks; clients that send a token as a subprotocol offer it too.
 pub const SUBPROTOCOL: &str = "wsgate.v1";
@@ -66,8 +68,9 @@ pub fn offered_subprotocols(request: &Request) -> Vec<&str> {
     request.header_tokens("sec-websocket-protocol").filter(|p| !p.is_empty()).collect()
 }
 
-/// The request as connect rules see it, with every token-bearing part removed.
-pub fn request_info(request: &Request, ip: IpAddr, sources: &[TokenSource]) -> RequestInfo {
+/// The request of a client at `ip` that connected with `scheme`, as connect rules see it, with
+/// every token-bearing part removed.
+pub fn request_info(request: &Request, ip: IpAddr, scheme: Scheme, sources: &[TokenSource]) -> RequestInfo {
     let token_query: Vec<&str> = sources
         .iter()
         .filter_map(|s| match s {
@@ -110,7 +113,14 @@ pub fn request_info(request: &Request, ip: IpAddr, sources: &[TokenSource]) -> R
         })
         .take(MAX_REQUEST_PAIRS)
         .collect();
-    RequestInfo { ip, origin: request.header("origin").map(str::to_string), path: request.path.clone(), query, headers }
+    RequestInfo {
+        ip,
+        scheme,
+        origin: request.header("origin").map(str::to_string),
+        path: request.path.clone(),
+        query,
+        headers,
+    }
 }
 
 /// When a token stops being valid: its `exp` plus the policy's leeway, the same instant the
@@ -144,7 +154,6 @@ pub enum NotAdmitted {
     OtherUser,
     /// A connect rule refuses it.
     Rule {
-        /// The rule.
         denial: Denial,
         /// The user id, when it could be determined.
         user: Option<String>,
@@ -152,17 +161,44 @@ pub enum NotAdmitted {
     /// `auth.user_id` could not be evaluated.
     NoUser(EvalError),
     /// The user's tokens up to this one's `iat` were revoked.
-    Revoked {
-        /// The user.
-        user: String,
-    },
+    Revoked { user: String },
     /// The connection's limits could not be evaluated.
     Limits {
-        /// The user.
         user: String,
         /// Which limit, and why.
         error: LimitError,
     },
+}
+
+impl NotAdmitted {
+    /// What a client is told (never the token or a value from it).
+    pub fn reason(&self) -> String {
+        match self {
+            NotAdmitted::Token(e) => e.reason().to_string(),
+            NotAdmitted::OtherUser => "the token is for another user".into(),
+            NotAdmitted::NoUser(_) => "the user id could not be determined".into(),
+            NotAdmitted::Revoked { .. } => "token revoked".into(),
+            NotAdmitted::Rule { denial, .. } => denial.reason.to_string(),
+            NotAdmitted::Limits { error, .. } => format!("{} could not be evaluated", error.key),
+        }
+    }
+
+    /// What it means for a live connection's close code.
+    pub fn readmission(&self) -> Readmission {
+        match self {
+            NotAdmitted::Token(TokenError::Expired) => Readmission::Expired,
+            NotAdmitted::Token(_) | NotAdmitted::OtherUser | NotAdmitted::NoUser(_) => Readmission::Invalid,
+            _ => Readmission::Refused,
+        }
+    }
+
+    /// The connect rule that refused, if one did.
+    pub fn rule(&self) -> Option<&Denial> {
+        match self {
+            NotAdmitted::Rule { denial, .. } => Some(denial),
+            _ => None,
+        }
+    }
 }
 
 /// Decides whether `token` admits a connection under `policy`, in SPEC §3's order: JWT →
@@ -334,7 +370,7 @@ mod tests {
         );
         let mut sources = all();
         sources.push(TokenSource::Header("x-api-token".into()));
-        let info = request_info(&r, "127.0.0.1".parse().unwrap(), &sources);
+        let info = request_info(&r, "127.0.0.1".parse().unwrap(), Scheme::Ws, &sources);
         let seen = format!("{info:?}");
         assert!(!seen.contains("SECRET"), "{seen}");
         assert_eq!(info.query, vec![("room".to_string(), "7".to_string())]);

@@ -1,6 +1,6 @@
-//! The one mapping from outcomes to what a client sees: error codes in `error` frames (and,
-//! as the gateway grows, close codes and HTTP statuses). Every code of SPEC §4–§5 is named
-//! here and nowhere else.
+//! The one mapping from outcomes to what a client sees: error codes in `error` frames, close
+//! codes and their reasons, and the HTTP statuses of refused handshakes. Every code of SPEC §3–§5
+//! is chosen here and nowhere else; the rest of the crate names outcomes.
 
 /// The `code` of an `error` frame (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,9 +49,9 @@ impl ErrorCode {
 }
 
 /// HTTP status of a handshake refused because the token is missing or invalid.
-pub const STATUS_UNAUTHORIZED: u16 = 401;
+pub(crate) const STATUS_UNAUTHORIZED: u16 = 401;
 /// HTTP status of a handshake refused by a connect rule or the origin check.
-pub const STATUS_FORBIDDEN: u16 = 403;
+pub(crate) const STATUS_FORBIDDEN: u16 = 403;
 
 /// WebSocket close codes (SPEC §5), plus RFC 6455's 1002 and 1007 and 4008 for a client that
 /// does not read.
@@ -88,6 +88,10 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// The close reason of a connection displaced by a newer one of its user
+    /// ([`CloseCode::Replaced`]), on whichever instance the newer one opened.
+    pub(crate) const REPLACED: &str = "replaced by a newer connection";
+
     /// Every code the server sends, for documentation and metrics.
     pub const ALL: [CloseCode; 14] = [
         CloseCode::Normal,
@@ -152,6 +156,8 @@ pub enum Refusal {
     },
     /// 503: shutting down, or no valid policy.
     Unavailable(&'static str),
+    /// 431: the request head does not fit the read buffer.
+    HeadTooLarge,
 }
 
 impl Refusal {
@@ -164,6 +170,7 @@ impl Refusal {
             Refusal::Forbidden { .. } => STATUS_FORBIDDEN,
             Refusal::TooMany { .. } => 429,
             Refusal::Unavailable(_) => 503,
+            Refusal::HeadTooLarge => 431,
         }
     }
 
@@ -171,7 +178,7 @@ impl Refusal {
     pub fn error(&self) -> &'static str {
         match self {
             Refusal::NotFound => "not_found",
-            Refusal::BadRequest(_) => "bad_request",
+            Refusal::BadRequest(_) | Refusal::HeadTooLarge => "bad_request",
             Refusal::Unauthorized(_) => "unauthorized",
             Refusal::Forbidden { .. } => "forbidden",
             Refusal::TooMany { .. } => "too_many_requests",
@@ -183,10 +190,138 @@ impl Refusal {
     pub fn reason(&self) -> String {
         match self {
             Refusal::NotFound => "no such path".into(),
+            Refusal::HeadTooLarge => "request head too large".into(),
             Refusal::BadRequest(r) | Refusal::Unavailable(r) => (*r).into(),
             Refusal::TooMany { reason, .. } => (*reason).into(),
             Refusal::Unauthorized(r) => r.clone(),
             Refusal::Forbidden { reason, .. } => reason.clone(),
         }
+    }
+}
+
+/// The close code a metric counts for a client that closed without one (RFC 6455's "no status
+/// received"); it is never sent.
+pub(crate) const NO_STATUS_RECEIVED: u16 = 1005;
+/// The close code a metric counts for a connection dropped without a close handshake.
+pub(crate) const DROPPED: u16 = 0;
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The server closed it with this code.
+    Closed(CloseCode, String),
+    /// The client closed it (its close code, if it sent one).
+    ClientClosed(Option<u16>),
+    /// The connection was dropped without a close handshake.
+    Dropped(&'static str),
+}
+
+impl Ended {
+    /// The code `wsgate_connections_closed_total` counts it under, and whether the client chose it.
+    pub(crate) fn counted_as(&self) -> (u16, bool) {
+        match self {
+            Ended::Closed(code, _) => (code.code(), false),
+            Ended::ClientClosed(code) => (code.unwrap_or(NO_STATUS_RECEIVED), true),
+            Ended::Dropped(_) => (DROPPED, false),
+        }
+    }
+}
+
+/// What a re-check found wrong with a live connection, as far as its close code goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readmission {
+    /// The token expired.
+    Expired,
+    /// The token no longer verifies, names another user, or yields no user id.
+    Invalid,
+    /// Anything else: the origin, a revocation, a connect rule, the limits.
+    Refused,
+}
+
+/// Why the server ends a connection, with the code and reason each one gets: the only place a
+/// close code is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The drain began (1001).
+    ShuttingDown,
+    /// No client message for `idle_timeout` (1000).
+    Idle,
+    /// The client broke the WebSocket protocol (1002).
+    ProtocolError,
+    /// A text frame that is not UTF-8 (1007).
+    NotUtf8,
+    /// A binary frame where the policy says `binary: close` (1003).
+    BinaryRefused,
+    /// A message rule with `action: close` refused a message, for this reason (1008).
+    RuleClosed(String),
+    /// More invalid messages than `messages.max_invalid` (1008).
+    TooManyInvalid,
+    /// The message rate was exceeded where the policy says `action: close` (4029).
+    RateExceeded,
+    /// A newer connection of the same user displaced this one (4009).
+    Replaced,
+    /// `POST /v1/disconnect`, with its reason (4010).
+    LoggedOut(String),
+    /// A message over `messages.max_bytes` (1009).
+    TooBig {
+        /// The limit.
+        max: u64,
+    },
+    /// A panic while deciding a message (1011).
+    Internal,
+    /// The backplane refused a publish (1011).
+    PublishFailed,
+    /// The token's expiry passed (4001).
+    TokenExpired,
+    /// The client does not take what is written to it (4008).
+    NotReading,
+    /// The client's delivery queue of this many frames overflowed (4008).
+    Overflow {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The periodic re-authentication refused the connection (4001 or 4003).
+    ReauthFailed(Readmission, String),
+    /// A reloaded policy no longer admits the connection (4001 or 4003).
+    Reloaded(Readmission, String),
+}
+
+impl Ending {
+    /// The close code and reason.
+    pub fn close(self) -> (CloseCode, String) {
+        match self {
+            Ending::ShuttingDown => (CloseCode::GoingAway, "server shutting down".into()),
+            Ending::Idle => (CloseCode::Normal, "idle timeout".into()),
+            Ending::ProtocolError => (CloseCode::ProtocolError, "protocol error".into()),
+            Ending::NotUtf8 => (CloseCode::InvalidPayload, "text frame is not UTF-8".into()),
+            Ending::BinaryRefused => (CloseCode::Unsupported, "binary frames are not accepted".into()),
+            Ending::RuleClosed(reason) => (CloseCode::PolicyViolation, reason),
+            Ending::TooManyInvalid => (CloseCode::PolicyViolation, "too many invalid messages".into()),
+            Ending::RateExceeded => (CloseCode::RateLimited, "message rate exceeded".into()),
+            Ending::Replaced => (CloseCode::Replaced, CloseCode::REPLACED.into()),
+            Ending::LoggedOut(reason) => (CloseCode::LoggedOut, reason),
+            Ending::TooBig { max } => (CloseCode::TooBig, format!("message larger than {max} bytes")),
+            Ending::Internal => (CloseCode::Internal, "internal error".into()),
+            Ending::PublishFailed => (CloseCode::Internal, "publish failed".into()),
+            Ending::TokenExpired => (CloseCode::TokenExpired, "token expired".into()),
+            Ending::NotReading => (CloseCode::SlowConsumer, "the client does not read".into()),
+            Ending::Overflow { capacity } => {
+                (CloseCode::SlowConsumer, format!("more than {capacity} undelivered messages"))
+            }
+            Ending::ReauthFailed(found, reason) => {
+                (readmission_code(found, false), format!("re-authentication failed: {reason}"))
+            }
+            Ending::Reloaded(found, reason) => (readmission_code(found, true), format!("policy reloaded: {reason}")),
+        }
+    }
+}
+
+/// An expired token is 4001. A token that no longer verifies is 4001 at a re-authentication and
+/// 4003 after a reload (a reload changed what is accepted); anything else is 4003.
+fn readmission_code(found: Readmission, after_reload: bool) -> CloseCode {
+    match found {
+        Readmission::Expired => CloseCode::TokenExpired,
+        Readmission::Invalid if !after_reload => CloseCode::TokenExpired,
+        _ => CloseCode::Revoked,
     }
 }

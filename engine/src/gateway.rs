@@ -1,36 +1,19 @@
-//! The state one gateway instance shares between its connections: the active policy, the
-//! broker (and, with `--redis`, the link to the other instances), the session registry, the
-//! limiters and the lifecycle phase. Everything else about a
-//! connection lives in its own task ([`crate::session`]).
+//! One gateway instance: its owners — the live policy ([`crate::reload`]), the broker, the
+//! session registry, the limiters ([`crate::limits`]) and the lifecycle ([`crate::lifecycle`]) —
+//! built together and handed to the accept loop, the admin API and the sessions.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use tokio::sync::watch;
 
 use crate::auth::Revocations;
-use crate::broker::hub::{Hub, SessionId};
-use crate::broker::{Backplane, LocalBackplane, MessageIds};
-use crate::cluster::{Cluster, RedisBackplane, Topology};
-use crate::handshaking::Handshaking;
-use crate::limits::{IpCounter, KeyedWindows, Pacer, RateEstimator};
+use crate::broker::Broker;
+use crate::broker::redis::link::Topology;
+use crate::lifecycle::Lifecycle;
+use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::reload::{PolicyDir, Reloads};
-use crate::sessions::Registry;
-
-/// Where the server is in its life: running → draining → closed, never back. Connections watch
-/// it: leaving `Running` closes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Accepting and serving.
-    Running,
-    /// Shutting down: new handshakes get 503, every client is sent 1001, and the server waits
-    /// (up to the drain timeout) for their close handshakes.
-    Draining,
-    /// The drain is over: what is left is dropped and the process exits.
-    Closed,
-}
+use crate::proxy::Proxies;
+use crate::registry::Registry;
+use crate::reload::{LivePolicy, PolicyDir};
 
 /// Settings of an instance that do not come from the policy.
 #[derive(Debug, Clone)]
@@ -45,6 +28,9 @@ pub struct GatewayOptions {
     pub revocation_ttl: std::time::Duration,
     /// Where the policy was read from, for reloads (`None`: a policy built in memory).
     pub policy_dir: Option<PolicyDir>,
+    /// Which peers are proxies, and how they name the client (none by default: every peer is
+    /// its own client).
+    pub proxies: Proxies,
 }
 
 impl GatewayOptions {
@@ -56,19 +42,13 @@ impl GatewayOptions {
             failpoint: None,
             revocation_ttl: DEFAULT_REVOCATION_TTL,
             policy_dir: None,
+            proxies: Proxies::default(),
         }
     }
 }
 
-/// Live connections a reload denies are closed at most this fast, after a first burst of
-/// [`RELOAD_CLOSE_BURST`]: 10,000 denied connections close over ten seconds, not in one tick
-/// (and do not all reconnect in the same one).
-pub const RELOAD_CLOSES_PER_SECOND: u32 = 1000;
-/// Denied connections closed at once after a reload.
-pub const RELOAD_CLOSE_BURST: u32 = 100;
-
 /// How long revocations last unless configured: one day.
-pub const DEFAULT_REVOCATION_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
+pub(crate) const DEFAULT_REVOCATION_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// A deliberate fault, so tests can show how the server contains its own failures. Read from
 /// `WSGATE_FAILPOINT` by debug builds only; release builds ignore it.
@@ -86,52 +66,34 @@ impl Failpoint {
     }
 }
 
-/// One instance's shared state.
+/// One instance's shared state: the owners of each concern, built together. Everything else
+/// about a connection lives in its own task ([`crate::session`]).
 pub struct Gateway {
-    /// The policy every new handshake and message is decided under. A reload replaces the
-    /// `Arc` whole; readers clone it and decide entirely under that one generation. Sessions
-    /// watch it to move to a new generation.
-    policy: watch::Sender<Arc<Policy>>,
-    /// Reload turns and history.
-    pub reloads: Reloads,
     /// Instance settings.
     pub options: GatewayOptions,
     /// Every metric (SPEC §8).
     pub metrics: Arc<Metrics>,
-    /// Local channel subscriptions.
-    pub hub: Arc<Hub>,
-    /// Carries publishes to every instance (embedded: just this one).
-    pub backplane: Arc<dyn Backplane>,
-    /// The link to Redis and the other instances (`--redis`); `None`: a single instance.
-    pub cluster: Option<Arc<Cluster>>,
-    /// Message ids, unique across instances.
-    pub ids: MessageIds,
-    /// Live sessions by user: max per user, logout.
-    pub sessions: Registry,
-    /// Revoked tokens by user.
-    pub revocations: Revocations,
-    /// Handshakes per user, for `connections.reconnects`.
-    pub reconnects: KeyedWindows<String>,
-    /// Live connections per IP, for `connections.max_per_ip`.
-    pub per_ip: Arc<IpCounter>,
-    /// Connections still in their handshake (not yet authenticated), capped per address and
-    /// in total so no one can hold every connection slot with sockets that never authenticate.
-    pub handshaking: Arc<Handshaking>,
-    /// Handshake attempts, for the connection-spike detector.
-    pub handshake_rate: std::sync::Mutex<RateEstimator>,
-    /// Paces the 4003 closes of live connections a reloaded policy no longer admits.
-    pub reload_closes: Pacer,
-    /// The lifecycle phase; sessions hold receivers.
-    phase: watch::Sender<Phase>,
-    /// Next session number.
-    next_session: AtomicU64,
+    /// The policy every new handshake and message is decided under, and its reloads.
+    pub policy: Arc<LivePolicy>,
+    /// This instance's own limiters.
+    pub limits: Arc<Limiters>,
+    /// Running, draining or closed.
+    pub lifecycle: Lifecycle,
+    /// Local subscriptions and fan-out to every instance (with `--redis`, through Redis).
+    pub broker: Broker,
+    /// Live sessions by user: max per user, logout. Shared with the broker, which closes the
+    /// sessions other instances displace or disconnect.
+    pub registry: Arc<Registry>,
+    /// Revoked tokens by user. Shared with the broker, which adds the other instances'.
+    pub revocations: Arc<Revocations>,
 }
 
 impl Gateway {
     /// A gateway serving `policy` with the embedded broker: one instance.
     pub fn new(policy: Arc<Policy>, options: GatewayOptions) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::default());
-        Gateway::build(policy, options, metrics, None)
+        let revocations = Arc::new(Revocations::new(options.revocation_ttl));
+        Gateway::build(policy, options, metrics.clone(), Broker::local(metrics), Arc::default(), revocations)
     }
 
     /// A gateway that is one of several instances sharing the Redis at `url` (a Redis Cluster's
@@ -145,115 +107,37 @@ impl Gateway {
         topology: Topology,
     ) -> Result<Arc<Gateway>, String> {
         let metrics = Arc::new(Metrics::default());
-        let cluster = Cluster::new(url, topology, metrics.clone(), options.revocation_ttl)?;
-        let gw = Gateway::build(policy, options, metrics, Some(cluster.clone()));
-        cluster.start(&gw);
-        Ok(gw)
+        let sessions = Arc::<Registry>::default();
+        let revocations = Arc::new(Revocations::new(options.revocation_ttl));
+        let broker = Broker::redis(
+            url,
+            topology,
+            metrics.clone(),
+            sessions.clone(),
+            revocations.clone(),
+            options.revocation_ttl,
+        )?;
+        Ok(Gateway::build(policy, options, metrics, broker, sessions, revocations))
     }
 
     fn build(
         policy: Arc<Policy>,
-        options: GatewayOptions,
+        mut options: GatewayOptions,
         metrics: Arc<Metrics>,
-        cluster: Option<Arc<Cluster>>,
+        broker: Broker,
+        sessions: Arc<Registry>,
+        revocations: Arc<Revocations>,
     ) -> Arc<Gateway> {
-        // The spike window until the first check evaluates `connections.spike` again.
-        let spike_window = crate::policy::decision::spike_threshold(&policy, std::time::SystemTime::now())
-            .map_or(std::time::Duration::from_secs(10), |(_, per)| per);
-        metrics.policy_generation.store(policy.generation, std::sync::atomic::Ordering::Relaxed);
-        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
-        let backplane: Arc<dyn Backplane> = match &cluster {
-            Some(cluster) => Arc::new(RedisBackplane::new(hub.clone(), cluster.clone())),
-            None => Arc::new(LocalBackplane::new(hub.clone())),
-        };
         Arc::new(Gateway {
-            cluster,
-            policy: watch::channel(policy).0,
-            reloads: Reloads::default(),
+            limits: Arc::new(Limiters::new(&policy, metrics.clone())),
+            policy: Arc::new(LivePolicy::new(policy, options.policy_dir.take(), metrics.clone())),
             metrics,
-            hub,
-            backplane,
-            ids: MessageIds::new(),
-            sessions: Registry::default(),
-            revocations: Revocations::new(options.revocation_ttl),
-            reconnects: KeyedWindows::default(),
-            per_ip: Arc::default(),
-            handshaking: Arc::default(),
-            handshake_rate: std::sync::Mutex::new(RateEstimator::new(tokio::time::Instant::now(), spike_window)),
-            reload_closes: Pacer::new(RELOAD_CLOSES_PER_SECOND, RELOAD_CLOSE_BURST),
-            phase: watch::channel(Phase::Running).0,
+            broker,
+            registry: sessions,
+            revocations,
+            lifecycle: Lifecycle::default(),
             options,
-            next_session: AtomicU64::new(1),
         })
-    }
-
-    /// The active policy.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.borrow().clone()
-    }
-
-    /// Makes `policy` the active one, in one swap: every handshake from now on and every
-    /// session's next event see it (the reload path ends here).
-    pub fn set_policy(&self, policy: Arc<Policy>) {
-        self.metrics.policy_generation.store(policy.generation, Ordering::Relaxed);
-        self.policy.send_replace(policy);
-    }
-
-    /// A receiver that sees every policy swap; sessions select on it.
-    pub fn watch_policy(&self) -> watch::Receiver<Arc<Policy>> {
-        self.policy.subscribe()
-    }
-
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
-    }
-
-    /// Moves to `phase`; every session watching sees it.
-    pub fn set_phase(&self, phase: Phase) {
-        self.phase.send_replace(phase);
-    }
-
-    /// A receiver sessions select on.
-    pub fn watch_phase(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
-    }
-
-    /// A fresh session id, unique within the process.
-    pub fn next_session_id(&self) -> SessionId {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Counts a handshake attempt for the spike detector (in the window the last check used).
-    pub fn record_handshake(&self) {
-        self.handshake_rate.lock().unwrap_or_else(|e| e.into_inner()).record(tokio::time::Instant::now());
-    }
-
-    /// Updates `wsgate_connection_spike` from the handshake rate and the policy's
-    /// `connections.spike`; logs a warning when an episode starts and a note when it ends.
-    /// Returns whether a spike is on.
-    pub fn check_spike(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let policy = self.policy();
-        let (max, per) = match crate::policy::decision::spike_threshold(&policy, std::time::SystemTime::now()) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "connections.spike could not be evaluated");
-                return self.metrics.connection_spike.load(Ordering::Relaxed) == 1;
-            }
-        };
-        let rate =
-            self.handshake_rate.lock().unwrap_or_else(|e| e.into_inner()).estimate(tokio::time::Instant::now(), per);
-        let spiking = rate > max as f64;
-        let was = self.metrics.connection_spike.swap(u64::from(spiking), Ordering::Relaxed) == 1;
-        match (was, spiking) {
-            (false, true) => {
-                tracing::warn!(rate = rate.round(), max, per = ?per, "connection spike: handshakes exceed connections.spike")
-            }
-            (true, false) => tracing::info!(rate = rate.round(), max, per = ?per, "connection spike over"),
-            _ => {}
-        }
-        spiking
     }
 
     /// The failpoint, in debug builds only.

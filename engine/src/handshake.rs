@@ -1,6 +1,6 @@
 //! Every check before the upgrade (SPEC §3), in order: path → method and upgrade headers →
 //! lifecycle → `Origin` → token → JWT → connect rules → user id → limits → per-IP concurrent
-//! connections → per-user reconnects (the last two across the cluster with `--redis`). A refused client gets a plain HTTP response with a JSON
+//! connections → per-user reconnects (the last two across every instance with `--redis`). A refused client gets a plain HTTP response with a JSON
 //! body and never a WebSocket; an admitted one gets `101` written here, by hand, so that all
 //! of these checks may be asynchronous and none runs inside tungstenite's callback.
 
@@ -8,22 +8,35 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout};
 use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::{self, Admission, NotAdmitted, SUBPROTOCOL};
 use crate::broker::hub::SessionId;
+use crate::broker::redis::admission::{FleetAdmission, Lease};
 use crate::close::Refusal;
-use crate::cluster::{self, Lease, keys};
-use crate::gateway::{Gateway, Phase};
-use crate::http::Request;
-use crate::limits::IpSlot;
+use crate::decisions;
+use crate::gateway::Gateway;
+use crate::http::{self, ReadError, Request};
+use crate::lifecycle::Phase;
+use crate::limits::per_ip::IpSlot;
 use crate::policy::decision::Denial;
 use crate::policy::{ConnLimits, Policy, RequestInfo};
+use crate::proxy::Client;
+use crate::ws::WebSocket;
 
 /// The WebSocket endpoint.
 pub const WS_PATH: &str = "/ws";
+/// A client must finish TLS and send its whole upgrade request within this time of being
+/// accepted.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read buffer per connection. tungstenite's default (128 KiB) would cost that much per idle
+/// connection; messages larger than this still arrive, in several reads.
+pub const READ_BUFFER_BYTES: usize = 1024;
+/// How long writing a refusal may take.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// `Retry-After` for the per-IP limit: a slot frees whenever one of the IP's connections
 /// closes, so there is no exact time; this keeps a well-behaved client from hammering.
 pub const PER_IP_RETRY_AFTER_SECS: u64 = 5;
@@ -50,18 +63,17 @@ pub struct Admitted {
     pub ws_key: String,
     /// Audit-mode connect rules that would have refused.
     pub audit: Vec<Denial>,
-    /// The session number, given here so the cluster's counts can name the connection.
+    /// The session number, given here so the counts in Redis can name the connection.
     pub session: SessionId,
     /// The per-IP slot this connection holds until it ends.
     pub ip_slot: IpSlot,
-    /// Its place in the cluster's counts (with `--redis`), held until it ends.
+    /// Its place in the counts in Redis (with `--redis`), held until it ends.
     pub lease: Option<Lease>,
 }
 
 /// A refusal with what the decision log needs.
 #[derive(Debug)]
 pub struct Refused {
-    /// The refusal.
     pub refusal: Refusal,
     /// The user, once known.
     pub user: Option<String>,
@@ -75,15 +87,100 @@ impl From<Refusal> for Box<Refused> {
     }
 }
 
-/// Runs every check on an upgrade request.
-pub async fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Instant) -> Result<Admitted, Box<Refused>> {
+/// Reads and checks the upgrade request (by `deadline`); answers a refusal, or upgrades and
+/// hands over the WebSocket and what was admitted. Every outcome is counted and logged here.
+/// `peer` is the address the request came from (the TCP peer, or the one a PROXY header
+/// named); `tls` whether it came over TLS. Behind a trusted proxy the client is whoever its
+/// forwarding headers say ([`crate::proxy`]).
+pub async fn upgrade<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    gw: &Gateway,
+    deadline: Instant,
+) -> Option<(WebSocket<S>, Admitted)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut request = match http::read_request(&mut stream, deadline.saturating_duration_since(Instant::now())).await {
+        Ok(r) => r,
+        Err(ReadError::TooLarge) => {
+            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &Refusal::HeadTooLarge)).await;
+            return None;
+        }
+        Err(ReadError::Malformed | ReadError::LengthRequired) => {
+            let refusal = Refusal::BadRequest("malformed HTTP request");
+            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refusal)).await;
+            return None;
+        }
+        Err(ReadError::Closed | ReadError::TimedOut) => return None,
+    };
+    let started = Instant::now();
+    if request.path == WS_PATH {
+        gw.limits.spike.record();
+    }
+    let client = gw.options.proxies.client(peer.ip(), &request, tls);
+    let admitted = match check(gw, &request, &client, started).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            if refused.refusal == Refusal::NotFound {
+                gw.metrics.handshake(refused.refusal.error());
+                tracing::debug!(ip = %client.ip, "no such path");
+            } else {
+                decisions::handshake_refused(
+                    &gw.metrics,
+                    &refused.refusal,
+                    refused.rule.as_ref(),
+                    refused.user.as_deref(),
+                    client.ip,
+                );
+            }
+            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refused.refusal)).await;
+            gw.metrics.handshake_duration.observe(started.elapsed());
+            return None;
+        }
+    };
+    if accept(&mut stream, &admitted).await.is_err() {
+        gw.metrics.handshake("aborted");
+        return None;
+    }
+    gw.metrics.handshake("accepted");
+    gw.metrics.handshake_duration.observe(started.elapsed());
+    let config = ws_config(&admitted.limits);
+    // Frames the client sent right after its request; the rest of the request is freed.
+    let early = std::mem::take(&mut request.rest);
+    drop(request);
+    Some((WebSocket::from_partially_read(stream, early, config), admitted))
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) -> std::io::Result<()> {
+    let retry_after = match refusal {
+        Refusal::TooMany { retry_after_secs, .. } => vec![("retry-after", retry_after_secs.to_string())],
+        _ => vec![],
+    };
+    http::write_refusal(stream, refusal.status(), refusal.error(), &refusal.reason(), &retry_after).await
+}
+
+/// WebSocket settings for a connection: size limits from the policy (a fragmented message
+/// counts as a whole), small buffers.
+pub fn ws_config(limits: &ConnLimits) -> WebSocketConfig {
+    let max = usize::try_from(limits.max_bytes).unwrap_or(usize::MAX);
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// Runs every check on an upgrade request from `client`.
+pub async fn check(gw: &Gateway, request: &Request, client: &Client, now: Instant) -> Result<Admitted, Box<Refused>> {
     if request.path != WS_PATH {
         return Err(Refusal::NotFound.into());
     }
     if request.method != "GET" {
         return Err(Refusal::BadRequest("a WebSocket upgrade is a GET").into());
     }
-    if gw.phase() != Phase::Running {
+    if gw.lifecycle.phase() != Phase::Running {
         return Err(Refusal::Unavailable("the server is shutting down").into());
     }
     let ws_key = upgrade_key(request)?;
@@ -93,14 +190,14 @@ pub async fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Insta
         return Err(Refusal::BadRequest("the only subprotocol is wsgate.v1").into());
     }
     // One generation decides the whole handshake.
-    let policy = gw.policy();
+    let policy = gw.policy.current();
     if let Err(denial) = policy.check_origin(request.header("origin")) {
         return Err(Box::new(Refused { refusal: forbidden(&denial), user: None, rule: Some(denial) }));
     }
     let Some(token) = auth::find_token(request, &policy.auth.token_sources) else {
         return Err(Refusal::Unauthorized("no token".into()).into());
     };
-    let request_info = auth::request_info(request, peer.ip(), &policy.auth.token_sources);
+    let request_info = auth::request_info(request, client.ip, client.scheme, &policy.auth.token_sources);
     let (admitted, audit) = auth::admit(&policy, &token, &request_info, None, &gw.revocations, SystemTime::now());
     let Admission { user, claims, expires, limits } = admitted.map_err(refused)?;
     let too_many = |reason, retry_after_secs| {
@@ -110,8 +207,8 @@ pub async fn check(gw: &Gateway, request: &Request, peer: SocketAddr, now: Insta
             rule: None,
         })
     };
-    let session = gw.next_session_id();
-    let (ip_slot, lease) = match count(gw, peer.ip(), &user, &limits, session, now).await {
+    let session = gw.registry.next_id();
+    let (ip_slot, lease) = match count(gw, client.ip, &user, &limits, session, now).await {
         Ok(counted) => counted,
         Err(Limited::PerIp) => {
             return Err(too_many("too many connections from this address", PER_IP_RETRY_AFTER_SECS));
@@ -143,8 +240,8 @@ enum Limited {
     Reconnects(Duration),
 }
 
-/// Counts the connection against `max_per_ip` and the user's reconnect window: across the
-/// cluster while Redis is up, on this instance otherwise. The local counts are kept either way,
+/// Counts the connection against `max_per_ip` and the user's reconnect window: across every
+/// instance while Redis is up, on this instance otherwise. The local counts are kept either way,
 /// so they are current the moment Redis goes away.
 async fn count(
     gw: &Gateway,
@@ -154,40 +251,36 @@ async fn count(
     session: SessionId,
     now: Instant,
 ) -> Result<(IpSlot, Option<Lease>), Limited> {
-    let member = |cluster: &cluster::Cluster| keys::member(cluster::now_ms(), cluster.origin(), session);
-    if let Some(cluster) = gw.cluster.as_ref().filter(|c| c.is_up()) {
-        match cluster.admit(ip, user, limits, member(cluster)).await {
-            Ok(cluster::Admission::Admitted(lease)) => {
-                let slot = gw.per_ip.acquire(ip, u64::MAX).ok_or(Limited::PerIp)?;
-                let _ = gw.reconnects.admit(&user.to_string(), now, u64::MAX, limits.reconnects_per);
-                return Ok((slot, Some(lease)));
-            }
-            Ok(cluster::Admission::PerIp) => return Err(Limited::PerIp),
-            Ok(cluster::Admission::Reconnects(wait)) => return Err(Limited::Reconnects(wait)),
-            // Redis failed just now (it is marked away): count here.
-            Err(()) => {}
+    match gw.broker.admit(ip, user, limits, session).await {
+        Some(FleetAdmission::Counted(lease)) => {
+            let slot = gw.limits.per_ip.acquire(ip, u64::MAX).ok_or(Limited::PerIp)?;
+            let _ = gw.limits.reconnects.admit(&user.to_string(), now, u64::MAX, limits.reconnects_per);
+            return Ok((slot, Some(lease)));
         }
+        Some(FleetAdmission::PerIp) => return Err(Limited::PerIp),
+        Some(FleetAdmission::Reconnects(wait)) => return Err(Limited::Reconnects(wait)),
+        // A single instance, or Redis away (or failing just now, which marks it away).
+        None => {}
     }
-    let slot = gw.per_ip.acquire(ip, limits.max_per_ip).ok_or(Limited::PerIp)?;
-    gw.reconnects
+    let slot = gw.limits.per_ip.acquire(ip, limits.max_per_ip).ok_or(Limited::PerIp)?;
+    gw.limits
+        .reconnects
         .admit(&user.to_string(), now, limits.reconnects_max, limits.reconnects_per)
         .map_err(Limited::Reconnects)?;
-    // With `--redis`: known here, and added to the cluster's counts when Redis returns.
-    Ok((slot, gw.cluster.as_ref().map(|c| c.lease_locally(ip, member(c)))))
+    // With `--redis`: known here, and added to the counts in Redis when Redis returns.
+    Ok((slot, gw.broker.lease_locally(ip, session)))
 }
 
 /// The handshake's answer to a token that does not admit the connection.
 fn refused(not: NotAdmitted) -> Box<Refused> {
     let (refusal, user, rule) = match not {
-        NotAdmitted::Token(e) => (Refusal::Unauthorized(e.reason().into()), None, None),
+        NotAdmitted::Token(_) => (Refusal::Unauthorized(not.reason()), None, None),
         NotAdmitted::Rule { denial, user } => (forbidden(&denial), user, Some(denial)),
         // No user id, no identity: 401, as `wsgate policy test` reports it.
-        NotAdmitted::NoUser(e) => (
-            Refusal::Unauthorized("the user id could not be determined".into()),
-            None,
-            Some(failed_rule("auth.user_id", &e.0)),
-        ),
-        NotAdmitted::Revoked { user } => (Refusal::Unauthorized("token revoked".into()), Some(user), None),
+        NotAdmitted::NoUser(ref e) => {
+            (Refusal::Unauthorized(not.reason()), None, Some(failed_rule("auth.user_id", &e.0)))
+        }
+        NotAdmitted::Revoked { ref user } => (Refusal::Unauthorized(not.reason()), Some(user.clone()), None),
         NotAdmitted::Limits { user, error } => (
             Refusal::Forbidden {
                 rule: error.key.into(),
@@ -197,7 +290,7 @@ fn refused(not: NotAdmitted) -> Box<Refused> {
             Some(failed_rule(error.key, &error.error)),
         ),
         // Only a live connection's re-check names the user it expects.
-        NotAdmitted::OtherUser => (Refusal::Unauthorized("the token is for another user".into()), None, None),
+        NotAdmitted::OtherUser => (Refusal::Unauthorized(not.reason()), None, None),
     };
     Box::new(Refused { refusal, user, rule })
 }

@@ -8,29 +8,28 @@
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod admin;
-pub mod auth;
+pub(crate) mod auth;
 pub mod broker;
 pub mod cli;
 pub mod close;
-pub mod cluster;
-pub mod decisions;
+pub(crate) mod decisions;
 pub mod gateway;
-pub mod handshake;
-pub mod handshaking;
-pub mod http;
+pub(crate) mod handshake;
+pub(crate) mod http;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod proxy;
+pub(crate) mod registry;
 pub mod reload;
 pub mod server;
-pub mod session;
-pub mod sessions;
-pub mod startup;
-pub mod tls;
+pub(crate) mod session;
+pub(crate) mod tls;
 pub mod token;
 pub mod watcher;
-pub mod ws;
+pub(crate) mod ws;
 
 pub use gateway::{Gateway, GatewayOptions};
 pub use server::{Listeners, ServeOptions, serve};

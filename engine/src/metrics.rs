@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::close::{CloseCode, ErrorCode};
+use crate::close::{CloseCode, DROPPED, Ended, ErrorCode, NO_STATUS_RECEIVED};
 
 /// Upper bounds (seconds) of the latency histograms: 10 µs to 1 s.
 const LATENCY_BUCKETS: [f64; 11] = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0];
@@ -40,7 +40,7 @@ impl Histogram {
     }
 
     /// Records one observation.
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = self.bounds.iter().position(|b| secs <= *b).unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
@@ -62,7 +62,7 @@ impl Histogram {
 }
 
 /// Handshake outcomes (`wsgate_handshakes_total{outcome}`): `accepted`, or a refusal's error.
-pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
+pub(crate) const HANDSHAKE_OUTCOMES: [&str; 8] = [
     "accepted",
     "bad_request",
     "unauthorized",
@@ -77,7 +77,7 @@ pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
 /// frame), `1005` (the client's close frame had no code), every code the server sends
 /// ([`CloseCode::ALL`]), and `other` for any code a client chose that is none of these — a
 /// client may send about 2,000 distinct codes, and each would be a series of its own.
-pub const CLOSE_LABELS: [&str; CloseCode::ALL.len() + 3] = [
+pub(crate) const CLOSE_LABELS: [&str; CloseCode::ALL.len() + 3] = [
     "0", "1000", "1001", "1002", "1003", "1005", "1007", "1008", "1009", "1011", "4001", "4003", "4008", "4009",
     "4010", "4029", "other",
 ];
@@ -85,14 +85,15 @@ pub const CLOSE_LABELS: [&str; CloseCode::ALL.len() + 3] = [
 /// The [`CLOSE_LABELS`] entry for a connection that ended with `code`: sent by the server
 /// (`by_client` false; 0 when it was dropped without a close) or received from the client
 /// (1005 when its close frame had none).
-pub fn close_label(code: u16, by_client: bool) -> &'static str {
+#[cfg(test)]
+fn close_label(code: u16, by_client: bool) -> &'static str {
     CLOSE_LABELS[close_index(code, by_client)]
 }
 
 /// Where `code` stands in [`CLOSE_LABELS`] (the last entry, `other`, for any code a client chose).
 fn close_index(code: u16, by_client: bool) -> usize {
     let other = CLOSE_LABELS.len() - 1;
-    let pseudo = if by_client { 1005 } else { 0 };
+    let pseudo = if by_client { NO_STATUS_RECEIVED } else { DROPPED };
     if code != pseudo && !CloseCode::ALL.iter().any(|c| c.code() == code) {
         return other;
     }
@@ -142,6 +143,12 @@ pub struct Metrics {
     pub redis_up: AtomicU64,
     /// `wsgate_tls_handshake_failures_total`.
     pub tls_failures: AtomicU64,
+    /// `wsgate_proxy_refused_total{reason="untrusted_peer"}`: connections closed at once because
+    /// the listener serves only its trusted proxies.
+    pub proxy_untrusted: AtomicU64,
+    /// `wsgate_proxy_refused_total{reason="no_proxy_header"}`: connections from a trusted proxy
+    /// closed without a valid PROXY protocol header (a balancer not configured to send one).
+    pub proxy_no_header: AtomicU64,
     /// `wsgate_redis_configured`: 1 when the instance runs with `--redis`, so alerts on
     /// `wsgate_redis_up` apply only there.
     pub redis_configured: AtomicU64,
@@ -168,15 +175,18 @@ impl Default for Metrics {
             connection_spike: AtomicU64::new(0),
             redis_up: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
+            proxy_untrusted: AtomicU64::new(0),
+            proxy_no_header: AtomicU64::new(0),
             redis_configured: AtomicU64::new(0),
         }
     }
 }
 
 /// The names, so dashboards and alerts can be checked against them.
-pub const NAMES: [&str; 18] = [
+pub const NAMES: [&str; 19] = [
     "wsgate_redis_configured",
     "wsgate_tls_handshake_failures_total",
+    "wsgate_proxy_refused_total",
     "wsgate_connections_active",
     "wsgate_handshakes_total",
     "wsgate_messages_received_total",
@@ -213,7 +223,7 @@ impl Metrics {
     }
 
     /// Counts a rejected message: by error code, or `Err` for one that closed its connection.
-    pub fn rejected(&self, code: Result<ErrorCode, CloseCode>) {
+    pub(crate) fn rejected(&self, code: Result<ErrorCode, CloseCode>) {
         let i = match code {
             Ok(c) => ErrorCode::ALL.iter().position(|x| *x == c).unwrap_or(0),
             Err(_) => ErrorCode::ALL.len(),
@@ -222,7 +232,8 @@ impl Metrics {
     }
 
     /// Counts an ended connection by its [`close_label`].
-    pub fn closed(&self, code: u16, by_client: bool) {
+    pub fn closed(&self, ended: &Ended) {
+        let (code, by_client) = ended.counted_as();
         self.closed[close_index(code, by_client)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -290,45 +301,39 @@ impl Metrics {
         }
         counter_head(&mut out, "wsgate_tls_handshake_failures_total", "TLS handshakes that failed.");
         let _ = writeln!(out, "wsgate_tls_handshake_failures_total {}", load(&self.tls_failures));
+        counter_head(
+            &mut out,
+            "wsgate_proxy_refused_total",
+            "Connections closed before their handshake: from a peer outside --trusted-proxies where only proxies are served, or from a trusted proxy without a valid PROXY header.",
+        );
+        for (reason, n) in [("untrusted_peer", &self.proxy_untrusted), ("no_proxy_header", &self.proxy_no_header)] {
+            let _ = writeln!(out, "wsgate_proxy_refused_total{{reason=\"{reason}\"}} {}", load(n));
+        }
         counter_head(&mut out, "wsgate_policy_reloads_total", "Policy reloads by outcome.");
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"ok\"}} {}", load(&self.reloads_ok));
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"error\"}} {}", load(&self.reloads_error));
         let _ = writeln!(out, "wsgate_policy_reloads_total{{outcome=\"unchanged\"}} {}", load(&self.reloads_unchanged));
-        gauge(
-            &mut out,
-            "wsgate_policy_generation",
-            "Generation of the active policy.",
-            load(&self.policy_generation).to_string(),
-        );
-        gauge(
-            &mut out,
-            "wsgate_connection_spike",
-            "1 while the handshake rate exceeds the policy's spike threshold.",
-            load(&self.connection_spike).to_string(),
-        );
-        gauge(
-            &mut out,
-            "wsgate_redis_up",
-            "1 while Redis is reachable (0 without Redis).",
-            load(&self.redis_up).to_string(),
-        );
-        gauge(
-            &mut out,
-            "wsgate_redis_configured",
-            "1 when the instance runs with Redis.",
-            load(&self.redis_configured).to_string(),
-        );
-        self.connection_duration.render(&mut out, "wsgate_connection_duration_seconds", "How long connections lasted.");
-        self.pipeline_duration.render(
-            &mut out,
-            "wsgate_pipeline_duration_seconds",
-            "One client frame through the pipeline.",
-        );
-        self.handshake_duration.render(
-            &mut out,
-            "wsgate_handshake_duration_seconds",
-            "Upgrade request read to answer.",
-        );
+        let gauges = [
+            ("wsgate_policy_generation", "Generation of the active policy.", &self.policy_generation),
+            (
+                "wsgate_connection_spike",
+                "1 while the handshake rate exceeds the policy's spike threshold.",
+                &self.connection_spike,
+            ),
+            ("wsgate_redis_up", "1 while Redis is reachable (0 without Redis).", &self.redis_up),
+            ("wsgate_redis_configured", "1 when the instance runs with Redis.", &self.redis_configured),
+        ];
+        for (name, help, value) in gauges {
+            gauge(&mut out, name, help, load(value).to_string());
+        }
+        let histograms = [
+            (&self.connection_duration, "wsgate_connection_duration_seconds", "How long connections lasted."),
+            (&self.pipeline_duration, "wsgate_pipeline_duration_seconds", "One client frame through the pipeline."),
+            (&self.handshake_duration, "wsgate_handshake_duration_seconds", "Upgrade request read to answer."),
+        ];
+        for (histogram, name, help) in histograms {
+            histogram.render(&mut out, name, help);
+        }
         out
     }
 }
@@ -347,7 +352,7 @@ mod tests {
         let m = Metrics::default();
         m.handshake("accepted");
         m.rejected(Ok(ErrorCode::RateLimited));
-        m.closed(4009, false);
+        m.closed(&Ended::Closed(CloseCode::Replaced, String::new()));
         m.decision("a \"quoted\" rule", true, "would_deny");
         m.pipeline_duration.observe(Duration::from_micros(30));
         m.pipeline_duration.observe(Duration::from_secs(5));
@@ -387,8 +392,8 @@ mod tests {
         let labels: std::collections::BTreeSet<_> = (0..=u16::MAX).map(|c| close_label(c, true)).collect();
         assert!(labels.len() < CLOSE_LABELS.len(), "{labels:?}");
         let m = Metrics::default();
-        m.closed(3999, true);
-        m.closed(4321, true);
+        m.closed(&Ended::ClientClosed(Some(3999)));
+        m.closed(&Ended::ClientClosed(Some(4321)));
         let text = m.render();
         assert!(text.contains("wsgate_connections_closed_total{code=\"other\"} 2"), "{text}");
         assert!(!text.contains("3999") && !text.contains("4321"));

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::close::{CloseCode, ErrorCode};
-use crate::limits::SlidingWindow;
+use crate::close::{CloseCode, Ending, ErrorCode};
+use crate::limits::window::SlidingWindow;
 use crate::policy::decision::{ConnContext, Denial, MessageRefusal};
 use crate::policy::{BinaryMode, ConnLimits, RuleAction};
 
@@ -42,7 +42,7 @@ pub enum Decision {
         code: ErrorCode,
         /// The message's `id`, when one could be read.
         id: Option<String>,
-        /// Why.
+        /// The `reason` of the error frame: never a value from the message.
         reason: String,
         /// The rule that refused, if a rule did.
         rule: Option<Denial>,
@@ -53,7 +53,7 @@ pub enum Decision {
     Close {
         /// The close code.
         code: CloseCode,
-        /// Why.
+        /// The close frame's reason.
         reason: String,
         /// The rule that closed it, if a rule did.
         rule: Option<Denial>,
@@ -78,11 +78,6 @@ impl Pipeline {
         Pipeline { ctx, limits, rate: SlidingWindow::default(), invalid: 0 }
     }
 
-    /// Invalid messages counted so far.
-    pub fn invalid_count(&self) -> u64 {
-        self.invalid
-    }
-
     /// Decides one frame.
     pub fn process(&mut self, frame: Frame<'_>, now: Instant, wall: SystemTime) -> Decision {
         let (max_bytes, max_depth) = (self.limits.max_bytes, self.limits.max_depth);
@@ -92,13 +87,13 @@ impl Pipeline {
             Frame::Binary(b) => b.len(),
         } as u64;
         if len > max_bytes {
-            return close(CloseCode::TooBig, format!("message larger than {max_bytes} bytes"));
+            return close(Ending::TooBig { max: max_bytes }, None);
         }
         // 2. Frame kind.
         let text = match frame {
             Frame::Text(t) => Some(t),
             Frame::Binary(_) => match self.ctx.policy().messages.binary {
-                BinaryMode::Close => return close(CloseCode::Unsupported, "binary frames are not accepted".into()),
+                BinaryMode::Close => return close(Ending::BinaryRefused, None),
                 BinaryMode::Reject => None,
                 BinaryMode::Allow => return self.rate_limited(now).unwrap_or(Decision::Ignore),
             },
@@ -134,11 +129,9 @@ impl Pipeline {
         match verdict.refused {
             None => Decision::Accept { message, audit: verdict.audit },
             Some(MessageRefusal::Invalid { code, reason }) => self.invalid(code, id, reason, None, verdict.audit),
-            Some(MessageRefusal::Rule(denial)) if denial.action == RuleAction::Close => Decision::Close {
-                code: CloseCode::PolicyViolation,
-                reason: denial.reason.to_string(),
-                rule: Some(denial),
-            },
+            Some(MessageRefusal::Rule(denial)) if denial.action == RuleAction::Close => {
+                close(Ending::RuleClosed(denial.reason.to_string()), Some(denial))
+            }
             Some(MessageRefusal::Rule(denial)) => {
                 let reason = denial.reason.to_string();
                 self.invalid(ErrorCode::Forbidden, id, reason, Some(denial), verdict.audit)
@@ -148,7 +141,7 @@ impl Pipeline {
 
     /// A ping from the client: it counts toward the message rate like a message, so a flood of
     /// control frames is limited too. Over the rate it closes (4029) or counts as invalid.
-    pub fn control_frame(&mut self, now: Instant) -> Option<Decision> {
+    pub(crate) fn control_frame(&mut self, now: Instant) -> Option<Decision> {
         match self.rate_limited(now)? {
             Decision::Refuse { code, reason, .. } => Some(self.invalid(code, None, reason, None, vec![])),
             other => Some(other),
@@ -159,7 +152,7 @@ impl Pipeline {
         let limits = &self.limits;
         self.rate.admit(now, limits.rate_max, limits.rate_per).err()?;
         Some(match limits.rate_action {
-            RuleAction::Close => close(CloseCode::RateLimited, "message rate exceeded".into()),
+            RuleAction::Close => close(Ending::RateExceeded, None),
             RuleAction::Reject => Decision::Refuse {
                 code: ErrorCode::RateLimited,
                 id: None,
@@ -181,22 +174,19 @@ impl Pipeline {
     ) -> Decision {
         self.invalid += 1;
         if self.invalid > self.limits.max_invalid {
-            return Decision::Close {
-                code: CloseCode::PolicyViolation,
-                reason: "too many invalid messages".into(),
-                rule,
-            };
+            return close(Ending::TooManyInvalid, rule);
         }
         Decision::Refuse { code, id, reason, rule, audit }
     }
 }
 
-fn close(code: CloseCode, reason: String) -> Decision {
-    Decision::Close { code, reason, rule: None }
+fn close(ending: Ending, rule: Option<Denial>) -> Decision {
+    let (code, reason) = ending.close();
+    Decision::Close { code, reason, rule }
 }
 
 /// Refuses JSON nested deeper than `max` without parsing it (a scan, no recursion).
-pub fn check_depth(text: &str, max: u64) -> Result<(), String> {
+pub(crate) fn check_depth(text: &str, max: u64) -> Result<(), String> {
     let (mut depth, mut in_string, mut escaped) = (0u64, false, false);
     for b in text.bytes() {
         if in_string {
@@ -225,7 +215,7 @@ pub fn check_depth(text: &str, max: u64) -> Result<(), String> {
 
 /// Refuses strings (values and keys) with control characters other than tab, CR and LF:
 /// they have no place in an alert and are a classic way to break logs and terminals.
-pub fn sanitise(value: &Value) -> Result<(), String> {
+pub(crate) fn sanitise(value: &Value) -> Result<(), String> {
     let bad = |s: &str| s.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'));
     // Depth is already bounded by `check_depth`, so plain recursion is safe here.
     match value {

@@ -3,13 +3,16 @@
 //! passes real sockets and the process's signals.
 //!
 //! Every accepted connection is one task ([`connection`]): take a place among the handshakes in
-//! progress ([`crate::handshaking`]: capped per address and in total, or the socket is closed
+//! progress ([`crate::limits::handshaking`]: capped per address and in total, or the socket is closed
 //! at once), then within one [`HANDSHAKE_TIMEOUT`] finish TLS (on a `wss://` listener) and read
 //! the bounded request head, run the handshake checks, then either answer with a refusal or
 //! upgrade, give the handshake place back and run the session. Each task holds a permit of the
 //! connection cap and a clone of one "done" sender: when the last clone is gone, every
 //! connection has finished and the drain is complete. While draining, new connections still
 //! take a permit (or are closed at once), so a drain never holds more than the cap either.
+//! Behind load balancers ([`crate::proxy`]) a peer the listener does not serve is closed before
+//! it takes a place, and on a `--proxy-protocol` listener the PROXY header comes first, before
+//! TLS.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,29 +23,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, timeout, timeout_at};
-use tungstenite::protocol::WebSocketConfig;
 
-use crate::close::Refusal;
-use crate::gateway::{Gateway, Phase};
-use crate::handshaking::HandshakeSlot;
-use crate::http::{self, ReadError};
-use crate::policy::compile::MAX_RECONNECT_WINDOW;
-use crate::policy::{ConnLimits, Limit};
-use crate::session::{self, Session};
+use crate::gateway::Gateway;
+use crate::handshake::{self, HANDSHAKE_TIMEOUT};
+use crate::lifecycle::Phase;
+use crate::limits::handshaking::HandshakeSlot;
+use crate::limits::upkeep;
+use crate::proxy::protocol;
 use crate::tls::Tls;
-use crate::ws::WebSocket;
-use crate::{admin, decisions, handshake};
-
-/// A client must finish TLS and send its whole upgrade request within this time of being
-/// accepted.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read buffer per connection. tungstenite's default (128 KiB) would cost that much per idle
-/// connection; messages larger than this still arrive, in several reads.
-pub const READ_BUFFER_BYTES: usize = 1024;
-/// How often emptied reconnect windows are forgotten.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// How long writing a refusal may take.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::{admin, session};
 
 /// The sockets a server listens on.
 pub struct Listeners {
@@ -63,7 +52,7 @@ pub struct ServeOptions {
     /// TLS for the public listener (`wss://`); `None` serves plaintext.
     pub tls: Option<Arc<Tls>>,
     /// Most connections in their handshake at once, over every address; more are closed at
-    /// once (see [`crate::handshaking`]).
+    /// once (see [`crate::limits::handshaking`]).
     pub max_handshakes: usize,
 }
 
@@ -73,7 +62,7 @@ impl Default for ServeOptions {
             max_connections: 50_000,
             drain_timeout: Duration::from_secs(10),
             tls: None,
-            max_handshakes: crate::handshaking::DEFAULT_MAX_TOTAL,
+            max_handshakes: crate::limits::handshaking::DEFAULT_MAX_TOTAL,
         }
     }
 }
@@ -88,10 +77,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let cap = Arc::new(Semaphore::new(options.max_connections));
-    gw.handshaking.set_max_total(options.max_handshakes);
+    gw.limits.handshaking.set_max_total(options.max_handshakes);
     let admin = tokio::spawn(admin::serve(listeners.admin, gw.clone()));
-    let sweeper = tokio::spawn(sweep(gw.clone()));
-    let spike = tokio::spawn(watch_spikes(gw.clone()));
+    let upkeep = tokio::spawn(upkeep::run(gw.limits.clone(), gw.policy.clone()));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -105,7 +93,7 @@ pub async fn serve(
         spawn_connection(stream, peer, &gw, &options, permit, Some(done_tx.clone()));
     }
     tracing::info!("shutting down: draining connections");
-    gw.set_phase(Phase::Draining);
+    gw.lifecycle.set(Phase::Draining);
     drop(done_tx);
     // While clients finish their close handshakes, new ones still get an answer: 503.
     let drained = timeout(options.drain_timeout, done_rx.recv());
@@ -127,10 +115,9 @@ pub async fn serve(
         }
     }
     drop(listeners.ws);
-    gw.set_phase(Phase::Closed);
+    gw.lifecycle.set(Phase::Closed);
     admin.abort();
-    sweeper.abort();
-    spike.abort();
+    upkeep.abort();
     Ok(())
 }
 
@@ -153,33 +140,6 @@ fn spawn_connection(
     });
 }
 
-/// How often the handshake rate is compared with `connections.spike`.
-pub const SPIKE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Raises and clears `wsgate_connection_spike` as the handshake rate crosses the policy's
-/// threshold.
-async fn watch_spikes(gw: Arc<Gateway>) {
-    let mut every = tokio::time::interval(SPIKE_CHECK_INTERVAL);
-    loop {
-        every.tick().await;
-        gw.check_spike();
-    }
-}
-
-/// Forgets reconnect windows that have emptied, so the map holds only recently active users.
-async fn sweep(gw: Arc<Gateway>) {
-    let mut every = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        every.tick().await;
-        // With a CEL window, any user's window may be up to the longest one allowed.
-        let per = match &gw.policy().connections.reconnects.per {
-            Limit::Literal(per) => *per,
-            Limit::Expr { .. } => MAX_RECONNECT_WINDOW,
-        };
-        gw.reconnects.sweep(Instant::now(), per);
-    }
-}
-
 /// Accepts the next connection, backing off on errors (such as running out of file
 /// descriptors) instead of spinning or giving up.
 async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
@@ -197,16 +157,46 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 }
 
 /// One accepted TCP connection, plaintext or TLS: its place among the handshakes is taken
-/// before anything is read. The TLS path is boxed: its state (rustls and the TLS stream) would
-/// otherwise size the task of every plaintext connection too.
-pub async fn connection(stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, tls: Option<Arc<Tls>>) {
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+/// before anything is read. With proxies configured ([`crate::proxy`]), a peer the listener does
+/// not serve is closed first, and on a `--proxy-protocol` listener the PROXY header is read
+/// (before TLS) within the same deadline. The TLS path is boxed: its state (rustls and the TLS
+/// stream) would otherwise size the task of every plaintext connection too.
+pub async fn connection(mut stream: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, tls: Option<Arc<Tls>>) {
+    let peer = canonical(peer);
+    let proxies = &gw.options.proxies;
+    if !proxies.serves(peer.ip()) {
+        gw.metrics.proxy_untrusted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(ip = %peer.ip(), "not a trusted proxy: closed at once");
+        return;
+    }
     let Some(slot) = handshake_slot(&gw, peer) else { return };
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let peer = if proxies.protocol {
+        match timeout_at(deadline, protocol::read_header(&mut stream)).await {
+            Ok(Ok(header)) => header.source().map_or(peer, canonical),
+            Ok(Err(e)) => {
+                gw.metrics.proxy_no_header.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(ip = %peer.ip(), error = %e, "no valid PROXY protocol header: closed");
+                return;
+            }
+            Err(_) => {
+                gw.metrics.proxy_no_header.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(ip = %peer.ip(), "no PROXY protocol header in time: closed");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     match tls {
-        None => upgrade_and_serve(stream, peer, gw, slot, deadline).await,
+        None => upgrade_and_serve(stream, peer, false, gw, slot, deadline).await,
         Some(tls) => Box::pin(handle_tls(stream, peer, gw, &tls, slot, deadline)).await,
     }
+}
+
+/// An address with an IPv4-mapped IPv6 address as IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// The TLS handshake of a connection on a TLS listener (by `deadline`, which the request head
@@ -221,7 +211,7 @@ async fn handle_tls(
     deadline: Instant,
 ) {
     match timeout_at(deadline, tls.acceptor().accept(stream)).await {
-        Ok(Ok(stream)) => upgrade_and_serve(stream, peer, gw, slot, deadline).await,
+        Ok(Ok(stream)) => upgrade_and_serve(stream, peer, true, gw, slot, deadline).await,
         Ok(Err(e)) => {
             gw.metrics.tls_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(ip = %peer.ip(), error = %e, "TLS handshake failed");
@@ -234,9 +224,14 @@ async fn handle_tls(
 }
 
 /// A connection's place among the handshakes in progress, or `None` (it is then closed
-/// unanswered): its address or the whole server is at its cap.
+/// unanswered): its address or the whole server is at its cap. A trusted proxy, which carries
+/// many clients, is held to the total only.
 fn handshake_slot(gw: &Gateway, peer: SocketAddr) -> Option<HandshakeSlot> {
-    let slot = gw.handshaking.acquire(peer.ip());
+    let slot = if gw.options.proxies.is_trusted(peer.ip()) {
+        gw.limits.handshaking.acquire_for_proxy()
+    } else {
+        gw.limits.handshaking.acquire(peer.ip())
+    };
     if slot.is_none() {
         tracing::debug!(ip = %peer.ip(), "too many handshakes in progress: closed unanswered");
     }
@@ -249,94 +244,26 @@ pub async fn handle<S>(stream: S, peer: SocketAddr, gw: Arc<Gateway>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let peer = canonical(peer);
     let Some(slot) = handshake_slot(&gw, peer) else { return };
-    upgrade_and_serve(stream, peer, gw, slot, Instant::now() + HANDSHAKE_TIMEOUT).await;
+    upgrade_and_serve(stream, peer, false, gw, slot, Instant::now() + HANDSHAKE_TIMEOUT).await;
 }
 
 /// The WebSocket handshake, then the session. The handshake's state is boxed, so it is freed
 /// when the session starts instead of sizing the task of every long-lived connection; so is
 /// the handshake place.
-async fn upgrade_and_serve<S>(stream: S, peer: SocketAddr, gw: Arc<Gateway>, slot: HandshakeSlot, deadline: Instant)
-where
+async fn upgrade_and_serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    gw: Arc<Gateway>,
+    slot: HandshakeSlot,
+    deadline: Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let session = Box::pin(handshake(stream, peer, gw, deadline)).await;
+    let Some((ws, admitted)) = Box::pin(handshake::upgrade(stream, peer, tls, &gw, deadline)).await else { return };
+    let session = session::open(ws, admitted, gw);
     drop(slot);
-    if let Some(session) = session {
-        session.run().await;
-    }
-}
-
-/// Reads and checks the upgrade request; answers a refusal, or upgrades and opens the session.
-async fn handshake<S>(mut stream: S, peer: SocketAddr, gw: Arc<Gateway>, deadline: Instant) -> Option<Box<Session<S>>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let mut request = match http::read_request(&mut stream, deadline.saturating_duration_since(Instant::now())).await {
-        Ok(r) => r,
-        Err(ReadError::TooLarge) => {
-            let _ = timeout(
-                REFUSAL_WRITE_TIMEOUT,
-                http::write_refusal(&mut stream, 431, "bad_request", "request head too large", &[]),
-            )
-            .await;
-            return None;
-        }
-        Err(ReadError::Malformed | ReadError::LengthRequired) => {
-            let refusal = Refusal::BadRequest("malformed HTTP request");
-            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refusal)).await;
-            return None;
-        }
-        Err(ReadError::Closed | ReadError::TimedOut) => return None,
-    };
-    let started = Instant::now();
-    if request.path == handshake::WS_PATH {
-        gw.record_handshake();
-    }
-    let admitted = match handshake::check(&gw, &request, peer, started).await {
-        Ok(admitted) => admitted,
-        Err(refused) => {
-            if refused.refusal == Refusal::NotFound {
-                gw.metrics.handshake(refused.refusal.error());
-                tracing::debug!(ip = %peer.ip(), "no such path");
-            } else {
-                decisions::handshake_refused(&gw.metrics, &refused, peer.ip());
-            }
-            let _ = timeout(REFUSAL_WRITE_TIMEOUT, refuse(&mut stream, &refused.refusal)).await;
-            gw.metrics.handshake_duration.observe(started.elapsed());
-            return None;
-        }
-    };
-    if handshake::accept(&mut stream, &admitted).await.is_err() {
-        gw.metrics.handshake("aborted");
-        return None;
-    }
-    gw.metrics.handshake("accepted");
-    gw.metrics.handshake_duration.observe(started.elapsed());
-    let config = ws_config(&admitted.limits);
-    // Frames the client sent right after its request; the rest of the request is freed.
-    let early = std::mem::take(&mut request.rest);
-    drop(request);
-    let ws = WebSocket::from_partially_read(stream, early, config);
-    Some(session::open(ws, admitted, gw))
-}
-
-async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) -> std::io::Result<()> {
-    let retry_after = match refusal {
-        Refusal::TooMany { retry_after_secs, .. } => vec![("retry-after", retry_after_secs.to_string())],
-        _ => vec![],
-    };
-    http::write_refusal(stream, refusal.status(), refusal.error(), &refusal.reason(), &retry_after).await
-}
-
-/// WebSocket settings for a connection: size limits from the policy (a fragmented message
-/// counts as a whole), small buffers.
-pub fn ws_config(limits: &ConnLimits) -> WebSocketConfig {
-    let max = usize::try_from(limits.max_bytes).unwrap_or(usize::MAX);
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
+    session.run().await;
 }

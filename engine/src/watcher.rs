@@ -22,15 +22,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
-use crate::gateway::Gateway;
-use crate::reload::{self, Trigger};
+use crate::policy::Policy;
+use crate::reload::{LivePolicy, Trigger};
 
 /// Quiet time after the last change before reloading.
 pub const QUIET: Duration = Duration::from_millis(30);
 /// Longest a reload waits while changes keep coming.
-pub const MAX_DELAY: Duration = Duration::from_millis(250);
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(250);
 /// Longest a reload waits for a file being written to be closed.
-pub const WRITE_HOLD: Duration = Duration::from_secs(2);
+pub(crate) const WRITE_HOLD: Duration = Duration::from_secs(2);
 /// File events queued between the watcher's thread and the reload task. When it is full a
 /// reload is already due, so dropping more events loses nothing but a close event, which
 /// [`WRITE_HOLD`] covers.
@@ -38,7 +38,7 @@ const EVENT_QUEUE: usize = 4096;
 
 /// A change the debouncer cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     /// Created, removed, renamed or changed in its attributes.
     Changed(PathBuf),
     /// Data written into it; more may follow until it is closed.
@@ -51,7 +51,7 @@ pub enum Change {
 
 /// Turns a file-system event into changes. Reads (opening, closing without writing) are not
 /// changes: the reload reads every file, and must not trigger itself.
-pub fn classify(event: &notify::Event) -> Vec<Change> {
+pub(crate) fn classify(event: &notify::Event) -> Vec<Change> {
     let each = |make: fn(PathBuf) -> Change| event.paths.iter().cloned().map(make).collect();
     match &event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => each(Change::Written),
@@ -66,7 +66,7 @@ pub fn classify(event: &notify::Event) -> Vec<Change> {
 
 /// When the next reload is due.
 #[derive(Debug, Default)]
-pub struct Debounce {
+pub(crate) struct Debounce {
     /// First change not yet reloaded.
     first: Option<Instant>,
     /// Latest change.
@@ -92,7 +92,7 @@ impl Debounce {
     }
 
     /// When to reload, if anything changed.
-    pub fn due(&self) -> Option<Instant> {
+    pub(crate) fn due(&self) -> Option<Instant> {
         let (first, last) = (self.first?, self.last?);
         if self.writing.is_empty() { Some((last + QUIET).min(first + MAX_DELAY)) } else { Some(first + WRITE_HOLD) }
     }
@@ -117,9 +117,9 @@ impl Drop for Watch {
     }
 }
 
-/// Starts watching the gateway's policy directory and reloading on changes.
-pub fn watch(gw: Arc<Gateway>) -> notify::Result<Watch> {
-    let Some(source) = gw.options.policy_dir.clone() else {
+/// Starts watching the live policy's directory and reloading on changes.
+pub fn watch(policy: Arc<LivePolicy>) -> notify::Result<Watch> {
+    let Some(source) = policy.source().cloned() else {
         return Err(notify::Error::generic("the policy was not read from a directory"));
     };
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
@@ -134,14 +134,14 @@ pub fn watch(gw: Arc<Gateway>) -> notify::Result<Watch> {
     })?;
     watcher.watch(&source.dir, RecursiveMode::Recursive)?;
     let mut extra = HashSet::new();
-    watch_key_dirs(&mut watcher, &gw, &source.dir, &mut extra);
+    watch_key_dirs(&mut watcher, &policy.current(), &source.dir, &mut extra);
     tracing::info!(policy = %source.dir.display(), "watching the policy directory; saved changes are reloaded");
-    let task = tokio::spawn(run(gw, source.dir, watcher, extra, rx));
+    let task = tokio::spawn(run(policy, source.dir, watcher, extra, rx));
     Ok(Watch { task })
 }
 
 async fn run(
-    gw: Arc<Gateway>,
+    policy: Arc<LivePolicy>,
     dir: PathBuf,
     mut watcher: notify::RecommendedWatcher,
     mut extra: HashSet<PathBuf>,
@@ -150,7 +150,7 @@ async fn run(
     let mut debounce = Debounce::default();
     // Whatever applied a policy (this watch, SIGHUP, the admin call), its key files' directories
     // are watched from then on.
-    let mut active = gw.watch_policy();
+    let mut active = policy.watch();
     loop {
         let due = debounce.due();
         tokio::select! {
@@ -160,19 +160,23 @@ async fn run(
             },
             Ok(()) = active.changed() => {
                 active.borrow_and_update();
-                watch_key_dirs(&mut watcher, &gw, &dir, &mut extra);
+                watch_key_dirs(&mut watcher, &policy.current(), &dir, &mut extra);
             }
             () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 debounce.reset();
-                reload::reload(&gw, Trigger::Watch).await;
+                policy.reload(Trigger::Watch).await;
             }
         }
     }
 }
 
 /// Watches the directories of key files that live outside the policy directory.
-fn watch_key_dirs(watcher: &mut notify::RecommendedWatcher, gw: &Gateway, dir: &Path, watched: &mut HashSet<PathBuf>) {
-    let policy = gw.policy();
+fn watch_key_dirs(
+    watcher: &mut notify::RecommendedWatcher,
+    policy: &Policy,
+    dir: &Path,
+    watched: &mut HashSet<PathBuf>,
+) {
     // Compared resolved (`../keys` is outside the directory, whatever its spelling).
     let resolve = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let dir = resolve(dir);

@@ -87,6 +87,7 @@ where
     }
 
     /// The largest message currently accepted.
+    #[cfg(test)]
     pub fn max_bytes(&self) -> Option<usize> {
         self.protocol.get_config().max_message_size
     }
@@ -130,6 +131,7 @@ where
     }
 
     /// Sends one message and flushes it.
+    #[cfg(test)]
     pub async fn send(&mut self, message: Message) -> Result<(), Error> {
         self.queue(message).await?;
         self.flush().await

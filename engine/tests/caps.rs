@@ -34,7 +34,7 @@ async fn while_draining_connections_past_the_cap_are_closed_at_once() {
     lingering.frame().await.expect("welcome");
     server.shutdown();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.phase() == wsgate::gateway::Phase::Running {
+    while gw.lifecycle.phase() == wsgate::lifecycle::Phase::Running {
         assert!(Instant::now() < deadline, "the drain did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

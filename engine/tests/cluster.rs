@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::broker::Delivery;
-use wsgate::cluster::Topology;
+use wsgate::broker::redis::Topology;
 use wsgate::gateway::{Gateway, GatewayOptions};
 use wsgate::policy::source::SourceFile;
 use wsgate::policy::{CompileOptions, Policy, PolicySource, compile};
@@ -74,7 +74,7 @@ async fn instance(redis: &TestRedis, name: &str, edit: impl Fn(String) -> String
 }
 
 fn up(gw: &Gateway) -> bool {
-    gw.cluster.as_ref().unwrap().is_up()
+    gw.broker.redis_link().unwrap().is_up()
 }
 
 /// Polls `check` until it holds; fails the test after `within`.
@@ -92,9 +92,9 @@ async fn listeners(redis: &TestRedis, channel: &str) -> i64 {
 }
 
 async fn publish(gw: &Gateway, channel: &str, data: Value) -> String {
-    let delivery = Delivery::new(channel, gw.ids.next_id(), &data);
+    let delivery = Delivery::new(channel, gw.broker.next_id(), &data);
     let id = delivery.id.clone();
-    gw.backplane.publish(delivery).await.unwrap();
+    gw.broker.publish(delivery).await.unwrap();
     id
 }
 
@@ -188,7 +188,7 @@ async fn an_instance_listens_only_for_channels_it_has_subscribers_for(redis: Tes
         listeners(&redis, "alerts").await == 1 && listeners(&redis, "user:bob").await == 0
     })
     .await;
-    assert!(b.hub.channels().is_empty());
+    assert!(b.broker.hub().channels().is_empty());
 }
 
 async fn a_newer_connection_on_another_instance_closes_the_older_with_4009(redis: TestRedis) {
@@ -302,7 +302,7 @@ async fn slots_are_the_clusters_own(redis: TestRedis) {
     keys.extend((0..200).map(|n| format!("wsgate:ip:10.0.{}.{n}", n % 7)));
     for key in keys {
         let theirs: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(&key).query_async(&mut con).await.unwrap();
-        assert_eq!(wsgate::cluster::keys::slot(key.as_bytes()), theirs, "{key:?}");
+        assert_eq!(wsgate::broker::redis::keys::slot(key.as_bytes()), theirs, "{key:?}");
     }
 }
 
@@ -310,7 +310,7 @@ async fn a_crashed_instances_connections_stop_counting_when_their_leases_lapse(r
     let a = instance(&redis, "a", |d| d.replace("max_per_ip: 100", "max_per_ip: 2")).await;
     // Two connections of an instance that died without a word: leases that lapse soon.
     let mut con = redis.connection().await;
-    let lapse = wsgate::cluster::now_ms() + 400;
+    let lapse = wsgate::broker::redis::now_ms() + 400;
     let _: () = redis::cmd("ZADD")
         .arg("wsgate:ip:10.0.0.9")
         .arg(lapse)
@@ -404,11 +404,16 @@ async fn churn_during_an_outage_is_kept_as_state_not_as_a_queue(mut redis: TestR
     assert_eq!(next_json(&mut churner).await, json!({"type": "ok", "ref": "kept"}), "every churn message was taken");
     let mut carol = connect(&a, &token("carol", HOUR, &[])).await;
     // alerts, user:alice, user:churner, alerts-kept, user:carol.
-    eventually("the churned connections are gone", Duration::from_secs(10), || async { a.hub.channel_count() == 5 })
-        .await;
-    let pending = a.cluster.as_ref().unwrap().pending_subscriptions();
+    eventually("the churned connections are gone", Duration::from_secs(10), || async {
+        a.broker.hub().channel_count() == 5
+    })
+    .await;
+    let pending = a.broker.redis_link().unwrap().pending_subscriptions();
     eprintln!("{CHURN} subscription changes during the outage leave {pending} pending");
-    assert!(pending <= a.hub.channel_count(), "bounded by the live channels, not the operations: {pending} pending");
+    assert!(
+        pending <= a.broker.hub().channel_count(),
+        "bounded by the live channels, not the operations: {pending} pending"
+    );
 
     redis.restart().await;
     let back = Instant::now();
@@ -420,7 +425,7 @@ async fn churn_during_an_outage_is_kept_as_state_not_as_a_queue(mut redis: TestR
     })
     .await;
     eprintln!("ready {:?} after Redis returned", back.elapsed());
-    assert_eq!(a.cluster.as_ref().unwrap().pending_subscriptions(), 0, "the resync carried every change");
+    assert_eq!(a.broker.redis_link().unwrap().pending_subscriptions(), 0, "the resync carried every change");
     // Channels subscribed before, during and after the outage all reach across again.
     for (from, channel, ws) in [
         (&b, "alerts-kept", &mut churner),
@@ -552,7 +557,7 @@ async fn a_confirmed_subscription_is_in_effect_in_redis(redis: TestRedis) {
 
 /// This instance's probe channels on each node.
 async fn probe_channels_per_node(redis: &TestRedis, gw: &Gateway) -> Vec<Vec<String>> {
-    let pattern = format!("wsgate:probe:{}:*", gw.cluster.as_ref().unwrap().origin());
+    let pattern = format!("wsgate:probe:{}:*", gw.broker.redis_link().unwrap().origin());
     let mut per_node = Vec::new();
     for node in redis.nodes() {
         let mut con = node.connection().await.unwrap();
@@ -576,7 +581,7 @@ async fn the_probe_checks_every_node_and_follows_a_moved_slot(redis: TestRedis) 
 
     // Move the slot of the first node's probe channel to the second node.
     let channel = probe_channels_per_node(&redis, &a).await[0][0].clone();
-    move_slot(&redis, wsgate::cluster::keys::slot(channel.as_bytes()), 0, 1).await;
+    move_slot(&redis, wsgate::broker::redis::keys::slot(channel.as_bytes()), 0, 1).await;
 
     eventually(
         "the probe follows: again one channel per node, none on a moved slot",
@@ -594,7 +599,7 @@ async fn the_probe_checks_every_node_and_follows_a_moved_slot(redis: TestRedis) 
 
     // A client channel's slot moves: the subscription moves with it.
     let holder = node_with_subscribers(&redis, "wsgate:ch:alerts").await;
-    move_slot(&redis, wsgate::cluster::keys::slot(b"wsgate:ch:alerts"), holder, (holder + 1) % 3).await;
+    move_slot(&redis, wsgate::broker::redis::keys::slot(b"wsgate:ch:alerts"), holder, (holder + 1) % 3).await;
     eventually("b's subscription to alerts is on the slot's new node", Duration::from_secs(20), || async {
         node_with_subscribers(&redis, "wsgate:ch:alerts").await == (holder + 1) % 3
     })

@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsgate::broker::Delivery;
-use wsgate::gateway::{Failpoint, Gateway, GatewayOptions, Phase};
+use wsgate::gateway::{Failpoint, Gateway, GatewayOptions};
+use wsgate::lifecycle::Phase;
 use wsgate::policy::source::SourceFile;
 use wsgate::policy::{CompileOptions, Policy, PolicySource, compile};
 
@@ -118,7 +119,7 @@ async fn reauthentication_rechecks_under_the_current_policy() {
                 "deny: 'has(claims.roles) && \"banned\" in claims.roles || claims.sub == \"alice\"'",
             )
         });
-        gw.set_policy(deny_alice);
+        gw.policy.set(deny_alice);
         async move {
             // Read all along (answering heartbeat pings) and send a message every minute.
             let mut next_ping = Instant::now();
@@ -141,6 +142,25 @@ async fn reauthentication_rechecks_under_the_current_policy() {
     assert!(at >= Duration::from_secs(900) && at < Duration::from_secs(960), "re-checked after {at:?}");
 }
 
+#[tokio::test]
+async fn a_connection_a_reload_denies_is_counted_as_the_rules_decision() {
+    let gw = gateway(same);
+    let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
+    let deny_alice = |doc: String| {
+        doc.replace(
+            "deny: 'has(claims.roles) && \"banned\" in claims.roles'",
+            "deny: 'has(claims.roles) && \"banned\" in claims.roles || claims.sub == \"alice\"'",
+        )
+    };
+    gw.policy.set(reloaded(deny_alice, 2));
+    assert_eq!(close_code(&mut ws).await, Some(4003));
+    let text = gw.metrics.render();
+    assert!(
+        text.contains(r#"wsgate_policy_decisions_total{rule="not-banned",mode="enforce",outcome="deny"} 1"#),
+        "{text}"
+    );
+}
+
 /// `policy(edit)` as a reload would produce it: a later generation.
 fn reloaded(edit: impl Fn(String) -> String, generation: u64) -> Arc<Policy> {
     let mut p = Arc::into_inner(policy(edit)).unwrap();
@@ -157,15 +177,15 @@ async fn a_reload_ends_the_subscriptions_it_no_longer_allows() {
         assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": id}));
     }
     let only_us = |d: String| d.replace(r#"startsWith("alerts")'"#, r#"startsWith("alerts.us")'"#);
-    gw.set_policy(reloaded(only_us, 2));
+    gw.policy.set(reloaded(only_us, 2));
     let ended = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("told within 5 s");
     assert_eq!(ended["type"], "unsubscribed", "{ended}");
     assert_eq!(ended["channel"], "alerts.eu");
     assert!(ended["reason"].as_str().unwrap().contains("only alerts channels"), "{ended}");
     // Its messages stop at once; the allowed subscription and the built-in channels go on.
     for channel in ["alerts.eu", "alerts.us", "alerts", "user:alice"] {
-        let delivery = Delivery::new(channel, gw.ids.next_id(), &json!(channel));
-        gw.backplane.publish(delivery).await.unwrap();
+        let delivery = Delivery::new(channel, gw.broker.next_id(), &json!(channel));
+        gw.broker.publish(delivery).await.unwrap();
     }
     for channel in ["alerts.us", "alerts", "user:alice"] {
         let message = next_json(&mut ws).await;
@@ -192,11 +212,11 @@ async fn a_reload_keeps_subscriptions_that_rules_on_other_fields_cannot_decide()
     let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
     send(&mut ws, json!({"type": "subscribe", "channel": "alerts.eu", "id": "1"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"type": "ok", "ref": "1"}));
-    gw.set_policy(reloaded(strict_id_rule, 2));
+    gw.policy.set(reloaded(strict_id_rule, 2));
     // Still subscribed: the next delivery on the channel arrives, with no `unsubscribed` first.
     send(&mut ws, json!({"type": "ping", "id": "p"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"type": "pong", "ref": "p"}));
-    gw.backplane.publish(Delivery::new("alerts.eu", gw.ids.next_id(), &json!("still"))).await.unwrap();
+    gw.broker.publish(Delivery::new("alerts.eu", gw.broker.next_id(), &json!("still"))).await.unwrap();
     let message = next_json(&mut ws).await;
     assert_eq!((message["type"].as_str(), message["data"].as_str()), (Some("message"), Some("still")), "{message}");
 }
@@ -206,7 +226,7 @@ async fn a_reload_moves_live_connections_to_the_new_heartbeat() {
     let gw = gateway(same);
     let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
     let start = Instant::now();
-    gw.set_policy(reloaded(|d| d.replace("{interval: 30s, timeout: 10s}", "{interval: 5s, timeout: 2s}"), 2));
+    gw.policy.set(reloaded(|d| d.replace("{interval: 30s, timeout: 10s}", "{interval: 5s, timeout: 2s}"), 2));
     loop {
         match ws.next().await {
             Some(Ok(Message::Ping(_))) => break,
@@ -231,7 +251,7 @@ async fn connections_a_reload_denies_are_closed_4003_spread_over_time() {
       deny: 'has(claims.roles) && "contractor" in claims.roles'
       reason: contractors are off
 origins:"#;
-    gw.set_policy(reloaded(|d| d.replace("origins:", deny), 2));
+    gw.policy.set(reloaded(|d| d.replace("origins:", deny), 2));
     // Each client reads on its own, so each close is timed when it arrives.
     let readers: Vec<_> = contractors
         .into_iter()
@@ -244,7 +264,7 @@ origins:"#;
         closed_at.push(at);
     }
     closed_at.sort();
-    // The first hundred at once, then one a millisecond (wsgate::gateway::RELOAD_CLOSES_PER_SECOND).
+    // The first hundred at once, then one a millisecond (wsgate::limits::RELOAD_CLOSES_PER_SECOND).
     assert!(closed_at[99] < Duration::from_millis(1), "the burst: {:?}", closed_at[99]);
     assert!(closed_at[149] >= Duration::from_millis(50), "the rest are spread: {:?}", closed_at[149]);
     send(&mut staff, json!({"type": "ping", "id": "s"})).await;
@@ -271,11 +291,11 @@ async fn a_denied_connection_is_closed_at_its_next_message_and_a_later_reload_ca
     };
     // Each generation is seen by every session before the next (time does not move).
     let settle = || tokio::time::sleep(Duration::from_micros(10));
-    gw.set_policy(reloaded(deny_x, 2));
+    gw.policy.set(reloaded(deny_x, 2));
     settle().await;
-    gw.set_policy(reloaded(|d| deny_x(deny_alice(d)), 3));
+    gw.policy.set(reloaded(|d| deny_x(deny_alice(d)), 3));
     settle().await;
-    gw.set_policy(reloaded(deny_x, 4));
+    gw.policy.set(reloaded(deny_x, 4));
     settle().await;
     send(&mut alice, json!({"type": "ping", "id": "spared"})).await;
     assert_eq!(
@@ -283,7 +303,7 @@ async fn a_denied_connection_is_closed_at_its_next_message_and_a_later_reload_ca
         json!({"type": "pong", "ref": "spared"}),
         "generation 4 admits alice again"
     );
-    gw.set_policy(reloaded(|d| deny_x(deny_alice(d)), 5));
+    gw.policy.set(reloaded(|d| deny_x(deny_alice(d)), 5));
     settle().await;
     // Denied again: its paced close is behind the 120 others' (20 ms away), but a message
     // from it is not served — the connection closes at once.
@@ -333,7 +353,7 @@ async fn connection_limits_answer_4009_and_429_with_retry_after() {
     assert_eq!(close_code(&mut first).await, Some(4009), "the newer connection wins");
     drop(first);
     let ip = "127.0.0.1".parse().unwrap();
-    wait_for(|| gw.per_ip.count(ip) == 1).await;
+    wait_for(|| gw.limits.per_ip.count(ip) == 1).await;
     // alice holds one slot of 127.0.0.1's two; bob takes the other; carol is refused.
     let _bob = connect(&gw, &token("bob", HOUR, &[])).await;
     let refused =
@@ -389,7 +409,7 @@ async fn handshake_statuses_and_bodies() {
     let mut live =
         connect_from(&gw, &format!("/ws?token={}", token("bob", HOUR, &[])), "127.0.0.1:3", &[]).await.unwrap();
     assert_eq!(next_json(&mut live).await["type"], "welcome");
-    gw.set_phase(Phase::Draining);
+    gw.lifecycle.set(Phase::Draining);
     assert_eq!(close_code(&mut live).await, Some(1001));
     let refused = connect_from(&gw, &format!("/ws?token={good}"), "127.0.0.1:4", &[]).await.unwrap_err();
     assert_eq!((refused.status, refused.body["error"].as_str()), (503, Some("unavailable")));
@@ -430,7 +450,7 @@ async fn a_client_that_does_not_read_is_closed_4008_with_bounded_memory() {
     let data = json!({"text": "x".repeat(1000)});
     let mut dropped = 0;
     for _ in 0..2000 {
-        let fanout = gw.backplane.publish(Delivery::new("user:slow", gw.ids.next_id(), &data)).await.unwrap();
+        let fanout = gw.broker.publish(Delivery::new("user:slow", gw.broker.next_id(), &data)).await.unwrap();
         dropped += fanout.dropped;
     }
     assert!(dropped > 0, "the bounded outbox refused deliveries instead of growing");
@@ -445,12 +465,12 @@ async fn a_client_that_does_not_read_is_still_logged_out_within_the_write_deadli
     let _slow = connect(&gw, &token("slow", HOUR, &[])).await;
     let data = json!({"text": "x".repeat(1000)});
     for _ in 0..120 {
-        gw.backplane.publish(Delivery::new("user:slow", gw.ids.next_id(), &data)).await.unwrap();
+        gw.broker.publish(Delivery::new("user:slow", gw.broker.next_id(), &data)).await.unwrap();
     }
     // The session is now stuck writing into a full pipe (its write deadline is 10 s).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start = Instant::now();
-    assert_eq!(gw.sessions.close_user("slow", wsgate::close::CloseCode::LoggedOut, "logout"), 1);
+    assert_eq!(gw.registry.close_user("slow", wsgate::close::CloseCode::LoggedOut, "logout"), 1);
     while gw.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -558,7 +578,7 @@ async fn one_address_cannot_hold_more_than_128_unfinished_handshakes() {
         tokio::spawn(wsgate::server::handle(server, peer, gw.clone()));
         stalled.push(client);
     }
-    wait_for(|| gw.handshaking.count(peer.ip()) == 128).await;
+    wait_for(|| gw.limits.handshaking.count(peer.ip()) == 128).await;
     let (mut refused, server) = tokio::io::duplex(1024);
     wsgate::server::handle(server, peer, gw.clone()).await;
     let mut buf = [0u8; 16];
@@ -567,7 +587,7 @@ async fn one_address_cannot_hold_more_than_128_unfinished_handshakes() {
     // Other addresses are not affected, and the stalled ones are dropped after 10 s.
     let _other = connect(&gw, &token("bob", HOUR, &[])).await;
     tokio::time::sleep(Duration::from_secs(11)).await;
-    assert_eq!(gw.handshaking.count(peer.ip()), 0);
+    assert_eq!(gw.limits.handshaking.count(peer.ip()), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -578,11 +598,11 @@ async fn the_spike_gauge_rises_with_the_handshake_rate_and_clears() {
     for i in 0..5 {
         clients.push(connect(&gw, &token(&format!("u{i}"), HOUR, &[])).await);
     }
-    assert!(!gw.check_spike(), "5 in 10 s is at the threshold, not over it");
+    assert!(!gw.limits.spike.check(&gw.policy.current()), "5 in 10 s is at the threshold, not over it");
     clients.push(connect(&gw, &token("u5", HOUR, &[])).await);
-    assert!(gw.check_spike());
+    assert!(gw.limits.spike.check(&gw.policy.current()));
     assert_eq!(gauge(), 1);
     tokio::time::sleep(Duration::from_secs(25)).await;
-    assert!(!gw.check_spike());
+    assert!(!gw.limits.spike.check(&gw.policy.current()));
     assert_eq!(gauge(), 0);
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use wsgate::close::{CloseCode, ErrorCode};
 use wsgate::pipeline::{Decision, Frame, Pipeline};
-use wsgate::policy::decision::{ConnContext, ConnInfo, RequestInfo};
+use wsgate::policy::decision::{ConnContext, ConnInfo, RequestInfo, Scheme};
 use wsgate::policy::source::SourceFile;
 use wsgate::policy::{CompileOptions, PolicySource, compile};
 
@@ -26,7 +26,8 @@ fn pipeline_with(edit: impl Fn(String) -> String) -> Pipeline {
     let policy = Arc::new(compile(&source, &CompileOptions { generation: 1, secret_lookup: &secret }).unwrap());
     let claims = json!({"sub": "alice", "roles": ["publisher"]});
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
-    let request = RequestInfo { ip, origin: None, path: "/ws".into(), query: vec![], headers: vec![] };
+    let request =
+        RequestInfo { ip, scheme: Scheme::Ws, origin: None, path: "/ws".into(), query: vec![], headers: vec![] };
     let limits = policy.handshake_scope(&claims, &request, SystemTime::now()).limits().unwrap();
     let conn =
         ConnInfo { id: "s".into(), user: "alice".into(), ip, instance: "i".into(), connected_at: SystemTime::now() };

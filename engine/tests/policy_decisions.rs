@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use wsgate::close::ErrorCode;
-use wsgate::policy::decision::{ConnContext, ConnInfo, MessageRefusal, RequestInfo};
+use wsgate::policy::decision::{ConnContext, ConnInfo, MessageRefusal, RequestInfo, Scheme};
 use wsgate::policy::source::SourceFile;
 use wsgate::policy::{CompileOptions, Policy, PolicySource, RuleMode, compile};
 
@@ -34,6 +34,7 @@ fn default_policy() -> Arc<Policy> {
 fn request(origin: Option<&str>) -> RequestInfo {
     RequestInfo {
         ip: IpAddr::from([10, 1, 2, 3]),
+        scheme: Scheme::Wss,
         origin: origin.map(str::to_string),
         path: "/ws".into(),
         query: vec![],

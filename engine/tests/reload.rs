@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::gateway::{Gateway, GatewayOptions};
 use wsgate::policy::{CompileOptions, compile_dir};
-use wsgate::reload::{self, Outcome, PolicyDir, SecretLookup, Trigger};
+use wsgate::reload::{Outcome, PolicyDir, SecretLookup, Trigger};
 
 /// A gateway serving the policy in `dir`, reloadable from it.
 fn gateway(dir: &PolicyCopy, secrets: SecretLookup) -> Arc<Gateway> {
@@ -89,7 +89,7 @@ async fn a_reload_racing_with_a_thousand_messages_a_second_never_mixes_generatio
                 let tmp = dir_path.join(".policy.yaml.tmp");
                 std::fs::write(&tmp, probe_policy(&base, letter)).unwrap();
                 std::fs::rename(&tmp, dir_path.join("policy.yaml")).unwrap();
-                assert!(matches!(reload::reload(&gw, Trigger::Admin).await, Outcome::Applied { .. }));
+                assert!(matches!(gw.policy.reload(Trigger::Admin).await, Outcome::Applied { .. }));
                 reloads.fetch_add(1, Ordering::Relaxed);
                 letter = if letter == "A" { "B" } else { "A" };
             }
@@ -147,7 +147,7 @@ async fn compiling_a_policy_never_blocks_the_connection_tasks() {
     armed.store(true, Ordering::SeqCst);
     let reloading = tokio::spawn({
         let gw = gw.clone();
-        async move { reload::reload(&gw, Trigger::Admin).await }
+        async move { gw.policy.reload(Trigger::Admin).await }
     });
     send(&mut ws, json!({"type": "ping", "id": "during"})).await;
     assert_eq!(next_json(&mut ws).await, json!({"type": "pong", "ref": "during"}));
@@ -161,11 +161,11 @@ async fn a_storm_of_saves_never_activates_a_broken_one_and_the_next_valid_save_a
     let dir = PolicyCopy::new();
     let base = dir.read("policy.yaml");
     let gw = gateway(&dir, Arc::new(secret));
-    let _watch = wsgate::watcher::watch(gw.clone()).unwrap();
+    let _watch = wsgate::watcher::watch(gw.policy.clone()).unwrap();
     // Every generation that becomes active is recorded.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let observer = {
-        let (mut active, seen) = (gw.watch_policy(), seen.clone());
+        let (mut active, seen) = (gw.policy.watch(), seen.clone());
         tokio::spawn(async move {
             while active.changed().await.is_ok() {
                 let p = active.borrow_and_update().clone();
@@ -188,7 +188,7 @@ async fn a_storm_of_saves_never_activates_a_broken_one_and_the_next_valid_save_a
     // The last save (#100) is broken: its reload is refused, and a valid save stays active
     // (whichever the debounce last read: #99 may never have been read on its own).
     wait_for(|| {
-        gw.reloads.history().last_error.is_some() && gw.reloads.history().last.is_some_and(|r| r.outcome == "error")
+        gw.policy.history().last_error.is_some() && gw.policy.history().last.is_some_and(|r| r.outcome == "error")
     })
     .await;
     let reloads = gw.metrics.reloads_ok.load(Ordering::Relaxed) + gw.metrics.reloads_error.load(Ordering::Relaxed);
@@ -200,9 +200,9 @@ async fn a_storm_of_saves_never_activates_a_broken_one_and_the_next_valid_save_a
         let max = max.expect("a literal limit");
         assert!(max % 10 != 0, "generation {generation} has the broken save's limit {max}");
     }
-    assert_eq!(gw.policy().messages.max_bytes.literal(), seen.last().unwrap().1);
+    assert_eq!(gw.policy.current().messages.max_bytes.literal(), seen.last().unwrap().1);
     save(&dir, &with_max(6001));
-    wait_for(|| gw.policy().messages.max_bytes.literal() == Some(6001)).await;
+    wait_for(|| gw.policy.current().messages.max_bytes.literal() == Some(6001)).await;
 
     // A file being written (opened, half written, not closed) is not read until it is closed.
     let before = gw.metrics.reloads_error.load(Ordering::Relaxed) + gw.metrics.reloads_ok.load(Ordering::Relaxed);
@@ -217,8 +217,8 @@ async fn a_storm_of_saves_never_activates_a_broken_one_and_the_next_valid_save_a
     assert_eq!(during, before, "a reload read the half-written file");
     std::io::Write::write_all(&mut file, second.as_bytes()).unwrap();
     drop(file);
-    wait_for(|| gw.policy().messages.max_bytes.literal() == Some(7777)).await;
-    assert!(gw.reloads.history().last_error.is_none(), "a valid policy clears the last error");
+    wait_for(|| gw.policy.current().messages.max_bytes.literal() == Some(7777)).await;
+    assert!(gw.policy.history().last_error.is_none(), "a valid policy clears the last error");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,7 +226,7 @@ async fn a_saved_policy_is_enforced_on_a_live_connection() {
     let dir = PolicyCopy::new();
     let base = dir.read("policy.yaml");
     let gw = gateway(&dir, Arc::new(secret));
-    let _watch = wsgate::watcher::watch(gw.clone()).unwrap();
+    let _watch = wsgate::watcher::watch(gw.policy.clone()).unwrap();
     let mut ws = connect(&gw, &token("alice", HOUR, &[])).await;
     save(
         &dir,
@@ -235,7 +235,7 @@ async fn a_saved_policy_is_enforced_on_a_live_connection() {
             "ping:\n      schema: ping.json\n      allow: {expr: 'false', reason: no more pings}",
         ),
     );
-    wait_for(|| gw.policy().generation == 2).await;
+    wait_for(|| gw.policy.current().generation == 2).await;
     send(&mut ws, json!({"type": "ping", "id": "x"})).await;
     let reply = next_json(&mut ws).await;
     assert_eq!((reply["code"].as_str(), reply["reason"].as_str()), (Some("forbidden"), Some("no more pings")));
@@ -255,12 +255,72 @@ async fn a_key_file_outside_the_policy_directory_is_watched_too() {
     let end = start + text[start..].find("  user_id:").unwrap();
     save(&dir, &format!("{}{jwt}{}", &text[..start], &text[end..]));
     let gw = gateway(&dir, Arc::new(secret));
-    let _watch = wsgate::watcher::watch(gw.clone()).unwrap();
+    let _watch = wsgate::watcher::watch(gw.policy.clone()).unwrap();
     // Rotate the key: the file is replaced, the policy directory untouched.
     let tmp = keys.path().join(".pub.pem.tmp");
     std::fs::write(&tmp, key_pem()).unwrap();
     std::fs::rename(&tmp, keys.path().join("pub.pem")).unwrap();
-    wait_for(|| gw.policy().generation == 2).await;
+    wait_for(|| gw.policy.current().generation == 2).await;
+}
+
+/// A copy of `from` as version `n` of a ConfigMap volume in `dir`: `..v<n>` holds the files.
+fn copy_version(from: &std::path::Path, dir: &std::path::Path, n: u32) -> std::path::PathBuf {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            let (name, kind) = (entry.file_name(), entry.file_type().unwrap());
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if kind.is_dir() {
+                copy(&entry.path(), &to.join(&name));
+            } else {
+                std::fs::copy(entry.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+    let version = dir.join(format!("..v{n}"));
+    copy(from, &version);
+    version
+}
+
+/// Swaps `..data` to version `n` as the kubelet does: `..data_tmp` linked to it and renamed over
+/// `..data` (one atomic rename), then the previous version removed.
+fn kubelet_swap(dir: &std::path::Path, n: u32) {
+    std::os::unix::fs::symlink(format!("..v{n}"), dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let _ = std::fs::remove_dir_all(dir.join(format!("..v{}", n - 1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_configmap_swap_is_followed() {
+    // The policy directory as a ConfigMap volume mounts it: each visible name a link through
+    // `..data`, which links to the current version's directory.
+    let source = PolicyCopy::new();
+    let base = source.read("policy.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    copy_version(source.path(), dir.path(), 1);
+    std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+    for name in ["policy.yaml", "schemas", "tests"] {
+        std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name)).unwrap();
+    }
+    let secrets: SecretLookup = Arc::new(secret);
+    let policy = compile_dir(dir.path(), &CompileOptions { generation: 1, secret_lookup: &*secrets }).unwrap();
+    let options = GatewayOptions {
+        policy_dir: Some(PolicyDir { dir: dir.path().to_path_buf(), secrets }),
+        ..GatewayOptions::new("test")
+    };
+    let gw = Gateway::new(Arc::new(policy), options);
+    let _watch = wsgate::watcher::watch(gw.policy.clone()).unwrap();
+    for n in 2..=6 {
+        let max_bytes = 7000 + n;
+        let version = copy_version(source.path(), dir.path(), n);
+        let text = base.replace("max_bytes: 10240", &format!("max_bytes: {max_bytes}"));
+        std::fs::write(version.join("policy.yaml"), text).unwrap();
+        kubelet_swap(dir.path(), n);
+        wait_for(|| gw.policy.current().messages.max_bytes.literal() == Some(u64::from(max_bytes))).await;
+    }
+    assert!(gw.policy.history().last_error.is_none(), "{:?}", gw.policy.history().last_error);
 }
 
 /// `GET /v1/policy` through the admin handler, as a client would see it.
@@ -313,7 +373,7 @@ async fn a_refused_reload_shows_where_and_why_but_never_a_value_from_the_files()
     let pristine_schema = dir.read("schemas/ping.json");
     for (what, breaks) in &broken {
         breaks();
-        let outcome = reload::reload(&gw, Trigger::Admin).await;
+        let outcome = gw.policy.reload(Trigger::Admin).await;
         let shown = format!("{outcome:?}");
         assert!(matches!(outcome, Outcome::Refused { .. }), "{what}: {shown}");
         let body = admin_policy(&gw).await;

@@ -233,7 +233,7 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
     }
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-    assert_eq!(status.code(), Some(wsgate::startup::EXIT_INTERRUPTED));
+    assert_eq!(status.code(), Some(wsgate::cli::serve::EXIT_INTERRUPTED));
     assert!(started.elapsed() < Duration::from_secs(10), "exited at once, not after the 60 s drain");
 }
 

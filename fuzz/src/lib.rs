@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, SystemTime};
 
 use wsgate::policy::source::SourceFile;
-use wsgate::policy::{CompileOptions, ConnInfo, Policy, PolicySource, RequestInfo, compile};
+use wsgate::policy::{CompileOptions, ConnInfo, Policy, PolicySource, RequestInfo, Scheme, compile};
 
 /// The default policy directory of the repository.
 pub const POLICY_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
@@ -92,6 +92,7 @@ pub fn conn_info() -> ConnInfo {
 pub fn request_info() -> RequestInfo {
     RequestInfo {
         ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+        scheme: Scheme::Wss,
         origin: Some("https://app.example.com".into()),
         path: "/ws".into(),
         query: vec![("v".into(), "1".into())],

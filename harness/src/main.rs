@@ -6,24 +6,15 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-mod client;
-mod drain;
 mod duration;
-mod fanout;
-mod http;
+mod fixtures;
 mod matching;
-mod memory;
-mod policy_dir;
-mod redis_cluster;
-mod redis_server;
-mod reload_latency;
+mod measure;
+mod process;
 mod report;
-mod resp;
 mod runner;
 mod scenario;
-mod supervisor;
-mod tls;
-mod token;
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,8 +27,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use duration::Dur;
+use measure::fleet::FleetOptions;
+use measure::{drain, fanout, memory, reload_latency};
+use process::supervisor;
 use report::CaseResult;
-use runner::RunConfig;
+use runner::ctx::RunConfig;
 
 /// Validation scenarios and measurements against real wsgate processes.
 #[derive(Debug, Parser)]
@@ -156,7 +150,9 @@ enum Command {
 }
 
 fn parse_dur(text: &str) -> Result<Dur, String> {
-    duration::parse(text).map(Dur).ok_or_else(|| format!("`{text}` is not a duration like 500ms, 10s, 1m30s"))
+    wsgate_grammar::duration::parse_duration(text)
+        .map(Dur)
+        .ok_or_else(|| format!("`{text}` is not a duration like 500ms, 10s, 1m30s"))
 }
 
 /// The repository's `policies/`: searched upward from `start`, else next to this crate.
@@ -214,9 +210,9 @@ async fn run_all(
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("the semaphore is never closed");
             let start = Instant::now();
-            let failure = match scenario::load(&path) {
+            let failure = match scenario::format::load(&path) {
                 Err(e) => Some(format!("invalid scenario {}: {e}", path.display())),
-                Ok(scenario) => runner::run(&scenario, &cfg).await.err(),
+                Ok(scenario) => runner::run::run(&scenario, &cfg).await.err(),
             };
             CaseResult { name, file: path.display().to_string(), elapsed: start.elapsed(), failure }
         });
@@ -243,7 +239,7 @@ fn check_all(dir: &Path) -> Result<bool, String> {
     }
     let mut ok = true;
     for (name, path) in &files {
-        match scenario::load(path) {
+        match scenario::format::load(path) {
             Ok(s) => match &s.description {
                 Some(d) => println!("ok   {name} ({} steps): {}", s.steps.len(), d.trim()),
                 None => println!("ok   {name} ({} steps)", s.steps.len()),
@@ -257,18 +253,14 @@ fn check_all(dir: &Path) -> Result<bool, String> {
     Ok(ok)
 }
 
-async fn idle_memory(
-    connections: usize,
-    bin: Option<&Path>,
-    max_kib: f64,
-    policies: Option<PathBuf>,
-) -> Result<bool, String> {
-    let opts = memory::MemoryOptions {
-        bin: supervisor::find_wsgate(bin)?,
-        policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
-        connections,
-        parallel: 32,
-    };
+/// The binary and policy directory of a measuring command: the flags, else the defaults
+/// (found from the current directory).
+fn measured(bin: Option<PathBuf>, policies: Option<PathBuf>) -> Result<(PathBuf, PathBuf), String> {
+    Ok((supervisor::find_wsgate(bin.as_deref())?, policies.unwrap_or_else(|| find_policies(Path::new(".")))))
+}
+
+async fn idle_memory(connections: usize, max_kib: f64, (bin, policies): (PathBuf, PathBuf)) -> Result<bool, String> {
+    let opts = FleetOptions { bin, policies, connections, parallel: 32 };
     let m = memory::measure(&opts).await?;
     let per = m.per_connection_kib();
     println!(
@@ -284,17 +276,10 @@ async fn idle_memory(
 
 async fn drain_time(
     connections: usize,
-    bin: Option<&Path>,
     drain_timeout: Dur,
-    policies: Option<PathBuf>,
+    (bin, policies): (PathBuf, PathBuf),
 ) -> Result<bool, String> {
-    let opts = drain::DrainOptions {
-        bin: supervisor::find_wsgate(bin)?,
-        policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
-        connections,
-        parallel: 32,
-        drain_timeout,
-    };
+    let opts = drain::DrainOptions { fleet: FleetOptions { bin, policies, connections, parallel: 32 }, drain_timeout };
     let m = drain::measure(&opts).await?;
     println!("{}", m.summary());
     if let Some(p) = m.percentiles() {
@@ -306,17 +291,8 @@ async fn drain_time(
     Ok(m.passed())
 }
 
-async fn reload_latency(
-    saves: usize,
-    bin: Option<&Path>,
-    max_p99: Dur,
-    policies: Option<PathBuf>,
-) -> Result<bool, String> {
-    let opts = reload_latency::LatencyOptions {
-        bin: supervisor::find_wsgate(bin)?,
-        policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
-        saves,
-    };
+async fn reload_latency(saves: usize, max_p99: Dur, (bin, policies): (PathBuf, PathBuf)) -> Result<bool, String> {
+    let opts = reload_latency::LatencyOptions { bin, policies, saves };
     let l = reload_latency::measure(&opts).await?;
     println!("{}", l.summary());
     let passed = l.percentile(99) <= max_p99.0;
@@ -380,13 +356,13 @@ fn main() -> ExitCode {
             }
             Command::Check { dir } => check_all(&dir),
             Command::IdleMemory { connections, bin, max_kib, policies } => {
-                idle_memory(connections, bin.as_deref(), max_kib, policies).await
+                idle_memory(connections, max_kib, measured(bin, policies)?).await
             }
             Command::DrainTime { connections, bin, drain_timeout, policies } => {
-                drain_time(connections, bin.as_deref(), drain_timeout, policies).await
+                drain_time(connections, drain_timeout, measured(bin, policies)?).await
             }
             Command::ReloadLatency { saves, bin, max_p99, policies } => {
-                reload_latency(saves, bin.as_deref(), max_p99, policies).await
+                reload_latency(saves, max_p99, measured(bin, policies)?).await
             }
             Command::FanoutLatency {
                 clients,
@@ -399,9 +375,10 @@ fn main() -> ExitCode {
                 bin,
                 policies,
             } => {
+                let (bin, policies) = measured(bin, policies)?;
                 let opts = fanout::FanoutOptions {
-                    bin: supervisor::find_wsgate(bin.as_deref())?,
-                    policies: policies.unwrap_or_else(|| find_policies(Path::new("."))),
+                    bin,
+                    policies,
                     clients,
                     instances,
                     redis,
@@ -448,7 +425,7 @@ mod tests {
         let files = scenario_files(&dir).unwrap();
         assert!(!files.is_empty());
         for (name, path) in files {
-            scenario::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            scenario::format::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
 

@@ -8,19 +8,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 /// Values saved by earlier steps (`$save:NAME` in a pattern, `save_id` of `publish`), by name.
-pub type Saved = BTreeMap<String, Value>;
+pub(crate) type Saved = BTreeMap<String, Value>;
 
 /// The wildcards that stand for a kind of value.
 const WILDCARDS: [&str; 5] = ["any", "absent", "string", "number", "nonempty"];
 
 /// Whether `name` may name a saved value: letters, digits, `-`, `_`, `.`.
-pub fn valid_saved_name(name: &str) -> bool {
+pub(crate) fn valid_saved_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// Checks a pattern before anything runs: every `$…` string is a known wildcard, and every
 /// `$saved:NAME` names something in `saved`. Returns the names the pattern saves (`$save:NAME`).
-pub fn check_pattern(pattern: &Value, saved: &BTreeSet<String>) -> Result<Vec<String>, String> {
+pub(crate) fn check_pattern(pattern: &Value, saved: &BTreeSet<String>) -> Result<Vec<String>, String> {
     let mut saves = Vec::new();
     check_at(pattern, "", saved, &mut saves)?;
     Ok(saves)
@@ -69,14 +69,14 @@ fn check_at(pattern: &Value, path: &str, saved: &BTreeSet<String>, saves: &mut V
 ///   wildcards; `"$$x"` stands for the literal string `"$x"`.
 ///
 /// Returns a description of the first mismatch.
-pub fn matches(expected: &Value, actual: &Value) -> Result<(), String> {
+pub(crate) fn matches(expected: &Value, actual: &Value) -> Result<(), String> {
     matches_saving(expected, actual, &mut Saved::new())
 }
 
 /// [`matches`], plus `"$save:NAME"` (present, any value; saved under NAME when the whole
 /// pattern matches — nothing is saved from a mismatch) and `"$saved:NAME"` (equal to the value
 /// saved under NAME; numbers by value).
-pub fn matches_saving(expected: &Value, actual: &Value, saved: &mut Saved) -> Result<(), String> {
+pub(crate) fn matches_saving(expected: &Value, actual: &Value, saved: &mut Saved) -> Result<(), String> {
     let mut captured = Saved::new();
     match_at(expected, Some(actual), "", saved, &mut captured)?;
     saved.extend(captured);
@@ -168,12 +168,12 @@ fn literal(pattern: &str) -> &str {
 }
 
 /// A short rendering of a value for failure messages (long values are cut).
-pub fn brief(v: &Value) -> String {
+pub(crate) fn brief(v: &Value) -> String {
     clip(&v.to_string(), 300)
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary, saying how much was left out.
-pub fn clip(text: &str, max: usize) -> String {
+pub(crate) fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }

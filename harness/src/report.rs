@@ -1,95 +1,61 @@
 //! Results of a scenario run: the console lines (`PASS name`, `FAIL name: reason`, the closing
 //! `N passed, N failed`) and the JUnit XML that CI systems read.
 
-use std::fmt::Write as _;
 use std::time::Duration;
+
+use wsgate_grammar::junit::JunitWriter;
 
 /// The result of one scenario.
 #[derive(Debug, Clone)]
-pub struct CaseResult {
+pub(crate) struct CaseResult {
     /// The scenario's name (its file name without `.yaml`).
-    pub name: String,
+    pub(crate) name: String,
     /// The scenario file, for the report.
-    pub file: String,
-    /// How long it took.
-    pub elapsed: Duration,
+    pub(crate) file: String,
+    pub(crate) elapsed: Duration,
     /// `None` when it passed; otherwise the failure report (first line: the reason).
-    pub failure: Option<String>,
+    pub(crate) failure: Option<String>,
 }
 
 /// The console line(s) for one result: `PASS name`, or `FAIL name: reason` followed by the
 /// indented details.
-pub fn console_line(result: &CaseResult) -> String {
+pub(crate) fn console_line(result: &CaseResult) -> String {
     match &result.failure {
         None => format!("PASS {}", result.name),
         Some(failure) => format!("FAIL {}: {failure}", result.name),
     }
 }
 
-/// The closing line.
-pub fn summary(results: &[CaseResult]) -> String {
+pub(crate) fn summary(results: &[CaseResult]) -> String {
     let failed = results.iter().filter(|r| r.failure.is_some()).count();
     format!("{} passed, {failed} failed", results.len() - failed)
 }
 
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            // XML 1.0 forbids most control characters even when escaped.
-            '\t' | '\n' | '\r' => out.push(c),
-            c if (c as u32) < 0x20 => out.push('\u{FFFD}'),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// JUnit XML: one `testsuite` (`suite`) with one `testcase` per scenario.
-pub fn junit(suite: &str, results: &[CaseResult]) -> String {
-    let failed = results.iter().filter(|r| r.failure.is_some()).count();
-    let total: f64 = results.iter().map(|r| r.elapsed.as_secs_f64()).sum();
-    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(
-        xml,
-        "<testsuites name=\"wsgate-harness\" tests=\"{}\" failures=\"{failed}\" errors=\"0\" time=\"{total:.3}\">",
-        results.len()
-    );
-    let _ = writeln!(
-        xml,
-        "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failed}\" errors=\"0\" skipped=\"0\" time=\"{total:.3}\">",
-        escape(suite),
-        results.len()
-    );
+pub(crate) fn junit(suite: &str, results: &[CaseResult]) -> String {
+    let failed = results.iter().filter(|r| r.failure.is_some()).count().to_string();
+    let total = format!("{:.3}", results.iter().map(|r| r.elapsed.as_secs_f64()).sum::<f64>());
+    let tests = results.len().to_string();
+    let mut xml = JunitWriter::new('\u{FFFD}');
+    let counts = [("tests", tests.as_str()), ("failures", &failed), ("errors", "0")];
+    xml.open(0, "testsuites", &[&[("name", "wsgate-harness")], &counts[..], &[("time", &total)]].concat());
+    xml.open(1, "testsuite", &[&[("name", suite)], &counts[..], &[("skipped", "0"), ("time", &total)]].concat());
     for r in results {
-        let _ = write!(
-            xml,
-            "    <testcase classname=\"{}\" name=\"{}\" file=\"{}\" time=\"{:.3}\"",
-            escape(suite),
-            escape(&r.name),
-            escape(&r.file),
-            r.elapsed.as_secs_f64()
-        );
+        let time = format!("{:.3}", r.elapsed.as_secs_f64());
+        let attrs = [("classname", suite), ("name", &r.name), ("file", &r.file), ("time", &time)];
         match &r.failure {
-            None => xml.push_str("/>\n"),
+            None => xml.leaf(2, "testcase", &attrs, None),
             Some(failure) => {
                 let message = failure.lines().next().unwrap_or_default();
-                let _ = writeln!(
-                    xml,
-                    ">\n      <failure message=\"{}\" type=\"scenario\">{}</failure>\n    </testcase>",
-                    escape(message),
-                    escape(failure)
-                );
+                xml.open(2, "testcase", &attrs);
+                xml.leaf(3, "failure", &[("message", message), ("type", "scenario")], Some(failure));
+                xml.close(2, "testcase");
             }
         }
     }
-    xml.push_str("  </testsuite>\n</testsuites>\n");
-    xml
+    xml.close(1, "testsuite");
+    xml.close(0, "testsuites");
+    xml.finish()
 }
 
 #[cfg(test)]

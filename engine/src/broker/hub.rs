@@ -20,7 +20,7 @@ pub type SessionId = u64;
 
 /// What a session takes from its outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     /// A ready `message` frame (JSON text).
     Frame(Utf8Bytes),
     /// The outbox overflowed: close the session as a slow consumer.
@@ -32,7 +32,7 @@ pub enum Outbound {
 /// queue allocates only while deliveries wait), which matters at tens of thousands of idle
 /// connections.
 #[derive(Debug, Clone)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     shared: Arc<OutboxShared>,
 }
 
@@ -50,7 +50,7 @@ struct OutboxShared {
 
 impl Outbox {
     /// An outbox holding at most `capacity` frames.
-    pub fn new(capacity: usize) -> Outbox {
+    pub(crate) fn new(capacity: usize) -> Outbox {
         Outbox {
             shared: Arc::new(OutboxShared {
                 queue: Mutex::new(VecDeque::new()),
@@ -63,7 +63,7 @@ impl Outbox {
 
     /// Queues a frame without waiting. Returns false when the queue is full (the outbox is
     /// then overflowed for good) or already overflowed.
-    pub fn offer(&self, frame: &Utf8Bytes) -> bool {
+    pub(crate) fn offer(&self, frame: &Utf8Bytes) -> bool {
         let s = &self.shared;
         if s.overflowed.load(Ordering::Relaxed) {
             return false;
@@ -83,17 +83,17 @@ impl Outbox {
     }
 
     /// Whether a delivery was refused because the queue was full: the session must close.
-    pub fn overflowed(&self) -> bool {
+    pub(crate) fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
     }
 
-    /// Deliveries waiting.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -109,7 +109,7 @@ impl Outbox {
 
     /// The next delivery, or the overflow notice. Cancel-safe: a frame is only taken in the
     /// poll that returns it.
-    pub async fn recv(&self) -> Outbound {
+    pub(crate) async fn recv(&self) -> Outbound {
         loop {
             if self.overflowed() {
                 return Outbound::Overflow;
@@ -141,13 +141,13 @@ pub struct Fanout {
 
 impl Hub {
     /// A hub counting into `metrics`.
-    pub fn with_metrics(metrics: Arc<Metrics>) -> Hub {
+    pub(crate) fn with_metrics(metrics: Arc<Metrics>) -> Hub {
         Hub { channels: Mutex::default(), metrics }
     }
 
     /// Subscribes a session. Returns true when this is the channel's first local subscriber
     /// (a backplane then starts listening for it).
-    pub fn subscribe(&self, channel: &str, session: SessionId, outbox: &Outbox) -> bool {
+    pub(crate) fn subscribe(&self, channel: &str, session: SessionId, outbox: &Outbox) -> bool {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let subscribers = channels.entry(Arc::from(channel)).or_default();
         let first = subscribers.is_empty();
@@ -156,7 +156,7 @@ impl Hub {
     }
 
     /// Unsubscribes a session. Returns true when the channel has no local subscriber left.
-    pub fn unsubscribe(&self, channel: &str, session: SessionId) -> bool {
+    pub(crate) fn unsubscribe(&self, channel: &str, session: SessionId) -> bool {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let Some(subscribers) = channels.get_mut(channel) else { return false };
         if subscribers.remove(&session).is_none() {
@@ -170,12 +170,16 @@ impl Hub {
     }
 
     /// Removes a session from all of `channels`; returns the channels left without subscribers.
-    pub fn unsubscribe_all<'a>(&self, channels: impl IntoIterator<Item = &'a str>, session: SessionId) -> Vec<String> {
+    pub(crate) fn unsubscribe_all<'a>(
+        &self,
+        channels: impl IntoIterator<Item = &'a str>,
+        session: SessionId,
+    ) -> Vec<String> {
         channels.into_iter().filter(|c| self.unsubscribe(c, session)).map(str::to_string).collect()
     }
 
     /// Queues `frame` for every local subscriber of `channel`.
-    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes) -> Fanout {
+    pub(crate) fn deliver(&self, channel: &str, frame: &Utf8Bytes) -> Fanout {
         // Clone the outboxes out of the lock: queueing never happens under it.
         let outboxes: Vec<Outbox> = {
             let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,7 +207,7 @@ impl Hub {
     }
 
     /// Whether `channel` has a local subscriber.
-    pub fn has_subscribers(&self, channel: &str) -> bool {
+    pub(crate) fn has_subscribers(&self, channel: &str) -> bool {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).contains_key(channel)
     }
 

@@ -1,147 +1,156 @@
-//! Fan-out: local subscriptions in a [`hub::Hub`], and a [`Backplane`] that carries every
-//! publish to every instance. The embedded backplane serves one instance; the Redis one (with
-//! `--redis`, [`crate::cluster`]) implements the same trait.
+//! The broker: local subscriptions in a [`hub::Hub`], and a backplane that carries every
+//! publish to every instance — this one alone, or several through Redis (`--redis`,
+//! [`redis`]). [`Broker`] owns both, with the message ids; nothing else reaches Redis.
 
+pub mod delivery;
 pub mod hub;
+pub(crate) mod ids;
+pub mod redis;
 
-use std::future::Future;
-use std::pin::Pin;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use hub::{Fanout, Hub};
-use tungstenite::Utf8Bytes;
+pub use delivery::Delivery;
 
-/// A published message on its way to subscribers.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The channel.
-    pub channel: String,
-    /// The message id, the same on every instance.
-    pub id: String,
-    /// The `message` frame, serialized once and shared by every subscriber (reference-counted,
-    /// handed to the WebSocket layer without a copy).
-    pub frame: Utf8Bytes,
-}
+use crate::auth::Revocations;
+use crate::broker::delivery::{Backplane, BrokerError, LocalBackplane};
+use crate::broker::hub::{Fanout, Hub, Outbox, SessionId};
+use crate::broker::ids::MessageIds;
+use crate::broker::redis::admission::{FleetAdmission, Lease};
+use crate::broker::redis::backplane::RedisBackplane;
+use crate::broker::redis::instance::{Handles, Redis};
+use crate::broker::redis::link::Topology;
+use crate::broker::redis::{health, subscriber};
+use crate::metrics::Metrics;
+use crate::policy::decision::ConnLimits;
+use crate::registry::Registry;
 
-impl Delivery {
-    /// Builds the `message` frame for `data` on `channel`.
-    pub fn new(channel: &str, id: String, data: &serde_json::Value) -> Delivery {
-        let frame = serde_json::json!({"type": "message", "channel": channel, "id": id, "data": data}).to_string();
-        Delivery { channel: channel.to_string(), id, frame: Utf8Bytes::from(frame) }
-    }
-
-    /// Builds the frame around `data` that is already JSON text (as it came from another
-    /// instance), without parsing it again. The keys are in the order [`Delivery::new`] writes
-    /// them, so a message is the same bytes whichever instance framed it.
-    pub fn from_raw(channel: &str, id: String, data: &serde_json::value::RawValue) -> Delivery {
-        let quoted = |s: &str| serde_json::Value::from(s).to_string();
-        let frame = format!(
-            "{{\"channel\":{},\"data\":{},\"id\":{},\"type\":\"message\"}}",
-            quoted(channel),
-            data.get(),
-            quoted(&id)
-        );
-        Delivery { channel: channel.to_string(), id, frame: Utf8Bytes::from(frame) }
-    }
-}
-
-/// Why a publish did not leave this instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerError(pub String);
-
-/// A boxed future, so backplanes can be used as trait objects.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Carries deliveries between instances.
-pub trait Backplane: Send + Sync + 'static {
-    /// Sends a delivery to every instance, this one included (which hands it to its hub).
-    fn publish(&self, delivery: Delivery) -> BoxFuture<'_, Result<Fanout, BrokerError>>;
-    /// This instance has gained its first local subscriber of `channel` (`true`) or lost its
-    /// last (`false`); a backplane listens only for channels with local subscribers.
-    fn interest(&self, channel: &str, subscribed: bool);
-    /// Resolves once every interest declared so far is in effect: a session waits for it
-    /// before it confirms a subscription (its welcome, or `ok` to a `subscribe`), so that
-    /// anything published after the confirmation reaches it. Bounded: a backplane that cannot
-    /// confirm (Redis away) resolves anyway.
-    fn listening(&self) -> BoxFuture<'_, ()>;
-}
-
-/// The embedded backplane: one instance, delivery straight to the local hub.
-#[derive(Debug)]
-pub struct LocalBackplane {
+/// Fan-out for one instance: who is subscribed here, how a publish reaches every instance, and
+/// (with `--redis`) the link to the others.
+pub struct Broker {
+    /// Local channel subscriptions.
     hub: Arc<Hub>,
+    /// Carries publishes to every instance (embedded: just this one).
+    backplane: Arc<dyn Backplane>,
+    /// Message ids, unique across instances.
+    ids: MessageIds,
+    /// `None`: a single instance.
+    redis: Option<Arc<Redis>>,
 }
 
-impl LocalBackplane {
-    /// A backplane over `hub`.
-    pub fn new(hub: Arc<Hub>) -> LocalBackplane {
-        LocalBackplane { hub }
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("redis", &self.redis).finish_non_exhaustive()
     }
 }
 
-impl Backplane for LocalBackplane {
-    fn publish(&self, delivery: Delivery) -> BoxFuture<'_, Result<Fanout, BrokerError>> {
-        Box::pin(async move { Ok(self.hub.deliver(&delivery.channel, &delivery.frame)) })
+impl Broker {
+    /// The embedded broker: one instance.
+    pub fn local(metrics: Arc<Metrics>) -> Broker {
+        let hub = Arc::new(Hub::with_metrics(metrics));
+        Broker { backplane: Arc::new(LocalBackplane::new(hub.clone())), hub, ids: MessageIds::new(), redis: None }
     }
 
-    fn interest(&self, _channel: &str, _subscribed: bool) {}
-
-    fn listening(&self) -> BoxFuture<'_, ()> {
-        Box::pin(std::future::ready(()))
+    /// A broker for one of several instances sharing the Redis at `url` (a Redis Cluster's seed
+    /// nodes, comma-separated, for [`Topology::Cluster`]). Must be called inside the runtime: it
+    /// starts the Redis tasks, which end when the broker and the connections' leases are gone.
+    /// A Redis that is down is waited for; only a malformed URL is an error. Replacements and
+    /// disconnects from other instances close `sessions`; their revocations go to
+    /// `revocations`, and last `revocation_ttl`.
+    pub fn redis(
+        url: &str,
+        topology: Topology,
+        metrics: Arc<Metrics>,
+        sessions: Arc<Registry>,
+        revocations: Arc<Revocations>,
+        revocation_ttl: std::time::Duration,
+    ) -> Result<Broker, String> {
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        let handles = Handles { metrics, hub: hub.clone(), sessions, revocations, revocation_ttl };
+        let (redis, woken) = Redis::new(url, topology, handles)?;
+        let topology = if redis.link.is_sharded() { "cluster" } else { "server" };
+        tracing::info!(topology, origin = %redis.origin(), "one of several instances over Redis");
+        tokio::spawn(subscriber::run(Arc::downgrade(&redis), redis.link.clone(), woken));
+        tokio::spawn(health::run(Arc::downgrade(&redis)));
+        Ok(Broker {
+            backplane: Arc::new(RedisBackplane::new(redis.clone())),
+            hub,
+            ids: MessageIds::new(),
+            redis: Some(redis),
+        })
     }
-}
 
-/// Makes message ids unique across instances: a random prefix per process and a counter.
-#[derive(Debug)]
-pub struct MessageIds {
-    prefix: String,
-    next: AtomicU64,
-}
-
-impl MessageIds {
-    /// Ids with a fresh random prefix.
-    pub fn new() -> MessageIds {
-        MessageIds { prefix: random_tag(), next: AtomicU64::new(1) }
+    /// Local channel subscriptions.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
-    /// The next id.
+    /// The link to Redis and the other instances; `None`: a single instance.
+    pub fn redis_link(&self) -> Option<&Arc<Redis>> {
+        self.redis.as_ref()
+    }
+
+    /// Whether this instance is meant to be one of several but cannot reach Redis now.
+    pub fn redis_away(&self) -> bool {
+        self.redis.as_ref().is_some_and(|r| !r.is_up())
+    }
+
+    /// The next message id, unique across instances.
     pub fn next_id(&self) -> String {
-        format!("{}-{:x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+        self.ids.next_id()
     }
-}
 
-/// Twelve random hex digits naming this process among instances (message ids, the origin of
-/// what it sends through Redis). Uniqueness, not secrecy: falls back to the clock if the OS has
-/// no randomness.
-pub fn random_tag() -> String {
-    let mut bytes = [0u8; 6];
-    if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
+    /// Delivers `delivery` here and sends it to every other instance.
+    pub async fn publish(&self, delivery: Delivery) -> Result<Fanout, BrokerError> {
+        self.backplane.publish(delivery).await
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
-impl Default for MessageIds {
-    fn default() -> Self {
-        Self::new()
+    /// Subscribes session `id` to `channel` here; the backplane listens for the channel from
+    /// its first local subscriber on.
+    pub(crate) fn subscribe(&self, channel: &str, id: SessionId, outbox: &Outbox) {
+        if self.hub.subscribe(channel, id, outbox) {
+            self.backplane.interest(channel, true);
+        }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Ends session `id`'s subscription to `channel`; the backplane stops listening after the
+    /// last local subscriber.
+    pub(crate) fn unsubscribe(&self, channel: &str, id: SessionId) {
+        if self.hub.unsubscribe(channel, id) {
+            self.backplane.interest(channel, false);
+        }
+    }
 
-    #[test]
-    fn a_frame_from_raw_data_is_the_same_bytes_as_one_from_a_value() {
-        let data = serde_json::json!({"level": "high", "n": [1, 2.5, "\u{e9}\"x"]});
-        let raw = serde_json::value::RawValue::from_string(data.to_string()).unwrap();
-        let a = Delivery::new("alerts:\"eu\"", "ab-1".into(), &data);
-        let b = Delivery::from_raw("alerts:\"eu\"", "ab-1".into(), &raw);
-        assert_eq!(a.frame, b.frame);
-        let parsed: serde_json::Value = serde_json::from_str(b.frame.as_str()).unwrap();
-        assert_eq!(parsed["data"], data);
-        assert_eq!(parsed["type"], "message");
+    /// Ends every subscription of session `id` among `channels`.
+    pub(crate) fn unsubscribe_all<'a>(&self, channels: impl Iterator<Item = &'a str>, id: SessionId) {
+        for channel in self.hub.unsubscribe_all(channels, id) {
+            self.backplane.interest(&channel, false);
+        }
+    }
+
+    /// Resolves once every subscription made so far is in effect (bounded; see
+    /// [`Backplane::listening`]).
+    pub(crate) async fn listening(&self) {
+        self.backplane.listening().await;
+    }
+
+    /// Counts the handshake of `session` against the address's and the user's limits across
+    /// every instance, while Redis is up. `None`: count on this instance (a single instance,
+    /// Redis away, or Redis failing just now, which marks it away).
+    pub(crate) async fn admit(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        limits: &ConnLimits,
+        session: SessionId,
+    ) -> Option<FleetAdmission> {
+        let redis = self.redis.as_ref().filter(|r| r.is_up())?;
+        redis.admit(ip, user, limits, session).await.ok()
+    }
+
+    /// For a handshake counted on this instance: with `--redis`, a lease known here and added
+    /// to the counts in Redis when Redis returns.
+    pub(crate) fn lease_locally(&self, ip: IpAddr, session: SessionId) -> Option<Lease> {
+        self.redis.as_ref().map(|r| r.lease_locally(ip, session))
     }
 }

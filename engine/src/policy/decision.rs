@@ -16,17 +16,16 @@ use std::time::{Duration, SystemTime};
 
 use cel::{Context, Value};
 
-use super::expr::{EvalError, Var};
+use super::compiled::{Limit, MessageType, OriginPattern, Policy, Rule, RuleKind};
+use super::expr::eval::EvalError;
+use super::expr::vars::Var;
+use super::model::{RuleAction, RuleMode};
 use super::value::{cel_map, cel_string, json_to_cel};
-use super::{Limit, OriginPattern, Policy, Rule, RuleAction, RuleKind, RuleMode};
 use crate::close::ErrorCode;
 
-/// Longest message `type` accepted.
-pub const MAX_TYPE_LEN: usize = 64;
-/// Longest message `id` accepted.
-pub const MAX_ID_LEN: usize = 128;
-/// Longest user id accepted.
-pub const MAX_USER_ID_LEN: usize = 256;
+pub(crate) const MAX_TYPE_LEN: usize = 64;
+pub(crate) const MAX_ID_LEN: usize = 128;
+pub(crate) const MAX_USER_ID_LEN: usize = 256;
 /// Longest reason text sent to a client.
 const MAX_REASON_LEN: usize = 200;
 
@@ -87,12 +86,35 @@ pub struct MessageVerdict {
     pub audit: Vec<Denial>,
 }
 
+/// How the client connected (`request.scheme`): over TLS (`wss`) or not (`ws`) — to this server,
+/// or, behind a trusted proxy, to the proxy (`X-Forwarded-Proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// Plaintext.
+    Ws,
+    /// TLS.
+    Wss,
+}
+
+impl Scheme {
+    /// `"ws"` or `"wss"`, as CEL sees it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
+        }
+    }
+}
+
 /// The HTTP upgrade request, as connect rules see it (`request`). Token-bearing parts (the
 /// token's query parameter, `Authorization`, `Cookie`) are left out by whoever builds it.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
     /// The client's address.
     pub ip: IpAddr,
+    /// Whether the client used TLS.
+    pub scheme: Scheme,
     /// The `Origin` header.
     pub origin: Option<String>,
     /// The request path.
@@ -108,6 +130,7 @@ impl RequestInfo {
         let pairs = |items: &[(String, String)]| cel_map(items.iter().map(|(k, v)| (k.as_str(), cel_string(v))));
         cel_map([
             ("ip", cel_string(&self.ip.to_string())),
+            ("scheme", cel_string(self.scheme.as_str())),
             ("origin", self.origin.as_deref().map_or(Value::Null, cel_string)),
             ("path", cel_string(&self.path)),
             ("query", pairs(&self.query)),
@@ -441,7 +464,7 @@ impl ConnContext {
 
     /// The scope a type's rules run in: the connection's, with `message` and `now` bound when
     /// the rules read them.
-    fn rule_scope(&self, t: &super::MessageType, message: &serde_json::Value, now: SystemTime) -> Context<'_, '_> {
+    fn rule_scope(&self, t: &MessageType, message: &serde_json::Value, now: SystemTime) -> Context<'_, '_> {
         let mut scope = self.ctx.new_inner_scope();
         if t.reads_message {
             scope.add_variable_from_value(Var::Message.name(), json_to_cel(message));
@@ -465,7 +488,7 @@ impl ConnContext {
             let denial = Denial {
                 rule: "messages.types.subscribe".into(),
                 mode: RuleMode::Enforce,
-                action: crate::policy::RuleAction::Reject,
+                action: RuleAction::Reject,
                 reason: "the policy defines no subscribe type".into(),
                 error: None,
             };

@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use super::model::Located;
+
 /// One problem in a policy directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
@@ -54,31 +56,56 @@ impl fmt::Display for PolicyErrors {
 
 impl std::error::Error for PolicyErrors {}
 
+/// Where a value of a policy is: what every [`PolicyError`] points at. Line and column are 0
+/// for a value written nowhere (a default), or a problem with no single place.
+#[derive(Debug, Clone)]
+pub(crate) struct At<'a> {
+    pub(crate) file: &'a str,
+    pub(crate) path: String,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
+}
+
+impl<'a> At<'a> {
+    /// Where `value`, under the key `path` of `file`, was written.
+    pub(crate) fn of<T>(file: &'a str, path: impl Into<String>, value: &Located<T>) -> At<'a> {
+        At { file, path: path.into(), line: value.line, col: value.col }
+    }
+
+    /// The same place, under the longer key `path` + `suffix`.
+    pub(crate) fn under(&self, suffix: &str) -> At<'a> {
+        At { path: format!("{}{suffix}", self.path), ..self.clone() }
+    }
+
+    /// The file as a whole, at `line:col` (a parser's position, or 0:0).
+    pub(crate) fn in_file(file: &'a str, line: usize, col: usize) -> At<'a> {
+        At { file, path: String::new(), line, col }
+    }
+}
+
 /// Collects errors while compiling, so that one run reports every problem, not the first.
 #[derive(Debug, Default)]
-pub struct ErrorSink {
+pub(crate) struct ErrorSink {
     errors: Vec<PolicyError>,
 }
 
 impl ErrorSink {
-    /// Records a problem at `file:line:col`, under the key `path`.
-    pub fn push(&mut self, file: &str, path: &str, line: usize, col: usize, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, at: &At<'_>, message: impl Into<String>) {
         self.errors.push(PolicyError {
-            file: file.to_string(),
-            line,
-            col,
-            path: path.to_string(),
+            file: at.file.to_string(),
+            line: at.line,
+            col: at.col,
+            path: at.path.clone(),
             message: message.into(),
         });
     }
 
-    /// Whether nothing went wrong so far.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.errors.is_empty()
     }
 
     /// The errors, or `Ok` when there were none.
-    pub fn finish(self) -> Result<(), PolicyErrors> {
+    pub(crate) fn finish(self) -> Result<(), PolicyErrors> {
         if self.errors.is_empty() { Ok(()) } else { Err(PolicyErrors(self.errors)) }
     }
 }
@@ -86,7 +113,7 @@ impl ErrorSink {
 /// serde-saphyr's message for a document that does not parse: what was expected and what kind
 /// of thing was found, never the value (`unknown variant `…`` becomes `unknown variant`). Key
 /// names (an unknown or missing field, a duplicate key) are kept: they are the key path.
-pub fn yaml_message(e: &serde_saphyr::Error) -> String {
+pub(crate) fn yaml_message(e: &serde_saphyr::Error) -> String {
     use serde_saphyr::Error as E;
     let e = e.without_snippet();
     match e {
@@ -110,7 +137,7 @@ pub fn yaml_message(e: &serde_saphyr::Error) -> String {
 /// A CEL syntax error: its position in the expression and the parser's message with quoted
 /// tokens other than operators left out (a token can be a string literal), never the line of
 /// source the parser prints under it.
-pub fn cel_syntax_message(errors: &cel::ParseErrors) -> String {
+pub(crate) fn cel_syntax_message(errors: &cel::ParseErrors) -> String {
     match errors.errors.first() {
         Some(e) => format!(
             "CEL syntax error at line {}, column {} of the expression: {}",
@@ -154,7 +181,7 @@ fn without_quoted(text: &str) -> String {
 
 /// The first line of a parser's message, without the ` at line L column C` it ends with (the
 /// position is printed in front of every error).
-pub fn strip_position(message: &str) -> String {
+pub(crate) fn strip_position(message: &str) -> String {
     let first = message.lines().next().unwrap_or_default();
     match first.rfind(" at line ") {
         Some(i) => first[..i].to_string(),

@@ -19,10 +19,10 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 /// Shortest HMAC secret accepted, in bytes (RFC 7518 §3.2: at least the hash size).
-pub const MIN_SECRET_BYTES: usize = 32;
+pub(crate) const MIN_SECRET_BYTES: usize = 32;
 
 /// The keys a policy verifies tokens with.
-pub enum KeySet {
+pub(crate) enum KeySet {
     /// One shared HMAC secret.
     Secret(DecodingKey),
     /// One public key from a PEM file.
@@ -32,10 +32,9 @@ pub enum KeySet {
 }
 
 /// One key of a JWKS with the settings it verifies under.
-pub struct JwksKey {
+pub(crate) struct JwksKey {
     /// The JWK's `kid`, which a token names in its header.
     pub kid: Option<String>,
-    /// The public key.
     pub key: DecodingKey,
     /// The policy's validation narrowed to this key's algorithms: jsonwebtoken refuses a key
     /// when any listed algorithm is of another family, and a key must never be tried with one.
@@ -59,12 +58,11 @@ const SPEC_CLAIMS: [&str; 5] = ["exp", "nbf", "iss", "aud", "sub"];
 /// Verifies tokens under one policy.
 #[derive(Debug)]
 pub struct JwtVerifier {
-    /// The keys.
-    pub keys: KeySet,
+    pub(crate) keys: KeySet,
     /// Algorithms, leeway, issuer, audience and the registered claims that must be present.
-    pub validation: Validation,
+    pub(crate) validation: Validation,
     /// Required claims beyond the registered ones (`roles`, `tenant`): checked for presence.
-    pub required_custom: Vec<String>,
+    pub(crate) required_custom: Vec<String>,
 }
 
 /// Why a token was refused. Every variant maps to HTTP 401; the text is safe to show a client
@@ -166,30 +164,23 @@ fn classify(e: jsonwebtoken::errors::Error) -> TokenError {
 }
 
 /// What `auth.jwt` says, resolved against the environment and the file system.
-pub struct JwtSettings<'a> {
-    /// Algorithm names as written.
+pub(crate) struct JwtSettings<'a> {
     pub algorithms: &'a [String],
     /// Environment variable of the HMAC secret, if the policy names one.
     pub secret_env: Option<&'a str>,
     /// Whether `secret_env` was written in the file rather than defaulted.
     pub secret_env_written: bool,
-    /// PEM public key path, if any.
     pub public_key_file: Option<&'a str>,
-    /// JWKS path, if any.
     pub jwks_file: Option<&'a str>,
-    /// Issuer to require.
     pub issuer: Option<&'a str>,
-    /// Audience to require.
     pub audience: Option<&'a str>,
-    /// Leeway in seconds.
     pub leeway_secs: u64,
-    /// Claims every token must carry.
     pub required_claims: &'a [String],
 }
 
 /// Which setting a key problem is about, so the error points at the right key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyField {
+pub(crate) enum KeyField {
     /// `auth.jwt.algorithms`.
     Algorithms,
     /// `auth.jwt.secret_env`.
@@ -204,7 +195,7 @@ pub enum KeyField {
 /// `serve --dev` can supply an ephemeral secret and tests need no process environment);
 /// `read_file` reads a key file relative to the policy directory and records it for the
 /// policy's content hash.
-pub fn load(
+pub(crate) fn load(
     settings: &JwtSettings<'_>,
     secret_lookup: &dyn Fn(&str) -> Option<String>,
     read_file: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>,
@@ -360,7 +351,7 @@ fn pem_key(algorithms: &[Algorithm], pem: &[u8]) -> Result<DecodingKey, String> 
 }
 
 /// Resolves a key file path: absolute as written, or relative to the policy directory.
-pub fn key_path(dir: &Path, path: &str) -> std::path::PathBuf {
+pub(crate) fn key_path(dir: &Path, path: &str) -> std::path::PathBuf {
     let p = Path::new(path);
     if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
 }

@@ -18,15 +18,15 @@ use cel::common::value::CowVal;
 use cel::{ExecutionError, IdedExpr};
 use regex::Regex;
 
-use super::expr::ExprError;
+use super::expr::error::ExprError;
 
 /// Largest compiled form of one regular expression (`regex`'s `size_limit`), and of its lazy
 /// DFA cache: a pattern that needs more makes the policy invalid. Counted repetitions of large
 /// classes (`[\w\s]{1,500}`, Unicode `\w` is hundreds of ranges) are what hit it.
-pub const MAX_REGEX_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_REGEX_BYTES: usize = 1024 * 1024;
 
 /// Adds the function rewritten `matches` calls run to a policy's CEL environment.
-pub fn register(env: &mut cel::Env) {
+pub(crate) fn register(env: &mut cel::Env) {
     env.add_overload(COMPILED, "wsgate_matches_compiled", vec![STRING_TYPE, INT_TYPE], compiled_matches)
         .expect("the name is not a standard function");
 }

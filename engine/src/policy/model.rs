@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 /// A value with the place in its file it was written, so that a compile error can point there.
 #[derive(Debug, Clone)]
-pub struct Located<T> {
+pub(crate) struct Located<T> {
     /// The deserialized value.
     pub value: T,
     /// 1-based line of the value in its file (0 when unknown).
@@ -55,7 +55,7 @@ impl<T: JsonSchema> JsonSchema for Located<T> {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "wsgate policy document")]
-pub struct PolicyDocument {
+pub(crate) struct PolicyDocument {
     /// Format version. Must be 1.
     pub version: Located<u32>,
     /// Who may connect: token sources, JWT verification, user id, connect rules.
@@ -71,7 +71,7 @@ pub struct PolicyDocument {
 /// A count that is a literal or a CEL expression evaluated for each connection.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
-pub enum CountSpec {
+pub(crate) enum CountSpec {
     /// A literal count.
     Literal(u64),
     /// A CEL expression that yields an `int`.
@@ -82,13 +82,13 @@ pub enum CountSpec {
 /// a `duration` (e.g. `'"admin" in claims.roles ? duration("1h") : duration("15m")'`).
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(transparent)]
-pub struct DurationSpec(pub String);
+pub(crate) struct DurationSpec(pub String);
 
 /// A size in bytes: `10240`, `"10KiB"`, `"1MiB"`, `"512B"`, or a CEL expression that yields an
 /// `int` number of bytes.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
-pub enum SizeSpec {
+pub(crate) enum SizeSpec {
     /// A literal number of bytes.
     Literal(u64),
     /// A size with a unit, or a CEL expression.
@@ -133,7 +133,7 @@ pub enum BinaryMode {
 /// A rule: exactly one of `deny` (refuse when true) or `allow` (refuse when false).
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RuleSpec {
+pub(crate) struct RuleSpec {
     /// A unique name, used in decision logs, metrics and policy tests.
     pub name: Located<String>,
     /// CEL: the request or message is refused when this is true.
@@ -155,7 +155,7 @@ pub struct RuleSpec {
 /// The `allow` of a message type: a CEL string, or a rule without a name.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
-pub enum TypeAllow {
+pub(crate) enum TypeAllow {
     /// CEL: the message is refused when this is false.
     Expr(String),
     /// The same with a mode, action and reason.
@@ -165,7 +165,7 @@ pub enum TypeAllow {
 /// The long form of a message type's `allow`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TypeAllowRule {
+pub(crate) struct TypeAllowRule {
     /// CEL: the message is refused when this is false.
     pub expr: String,
     /// `enforce` (default) or `audit`.
@@ -181,11 +181,11 @@ pub struct TypeAllowRule {
 /// `auth`: who may connect.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct AuthSection {
+pub(crate) struct AuthSection {
     /// Where the token is looked for, in order: `query:NAME`, `header:authorization`,
     /// `cookie:NAME`, `subprotocol`. A `cookie:` source needs a list of allowed origins
     /// (`origins.allowed` without `"*"`).
-    pub token_sources: Vec<Located<String>>,
+    pub token_sources: Located<Vec<Located<String>>>,
     /// How tokens are verified.
     pub jwt: Located<JwtSection>,
     /// CEL over `claims` (and `request`) that yields the user id.
@@ -200,10 +200,12 @@ impl Default for AuthSection {
     fn default() -> Self {
         AuthSection {
             // No cookie: the default origins allow any, and cookies need a list (SPEC §9).
-            token_sources: ["query:token", "header:authorization", "subprotocol"]
-                .into_iter()
-                .map(|s| unlocated(s.to_string()))
-                .collect(),
+            token_sources: unlocated(
+                ["query:token", "header:authorization", "subprotocol"]
+                    .into_iter()
+                    .map(|s| unlocated(s.to_string()))
+                    .collect(),
+            ),
             jwt: unlocated(JwtSection::default()),
             user_id: unlocated("claims.sub".to_string()),
             reauth_interval: unlocated(DurationSpec("15m".into())),
@@ -215,7 +217,7 @@ impl Default for AuthSection {
 /// `auth.jwt`: token verification.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct JwtSection {
+pub(crate) struct JwtSection {
     /// Accepted algorithms: HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512,
     /// ES256, ES384, EdDSA. HMAC and public-key algorithms cannot be mixed.
     pub algorithms: Located<Vec<String>>,
@@ -253,7 +255,7 @@ impl Default for JwtSection {
 /// `origins`: browser origins allowed to connect.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct OriginsSection {
+pub(crate) struct OriginsSection {
     /// Allowed origins: `"*"`, an exact origin (`https://app.example.com`), or a wildcard
     /// subdomain (`https://*.example.com`).
     pub allowed: Vec<Located<String>>,
@@ -272,7 +274,7 @@ impl Default for OriginsSection {
 /// A count over a time window.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct WindowSpec {
+pub(crate) struct WindowSpec {
     /// How many events the window admits.
     pub max: Located<CountSpec>,
     /// The window's length.
@@ -282,7 +284,7 @@ pub struct WindowSpec {
 /// `connections.heartbeat`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct HeartbeatSpec {
+pub(crate) struct HeartbeatSpec {
     /// How often the server pings.
     pub interval: Located<DurationSpec>,
     /// How long a pong may take before the connection is dropped.
@@ -292,7 +294,7 @@ pub struct HeartbeatSpec {
 /// `connections`: connection limits and timers.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct ConnectionsSection {
+pub(crate) struct ConnectionsSection {
     /// Live connections per user; the newest wins and the oldest is closed with 4009.
     pub max_per_user: Located<CountSpec>,
     /// Live connections per client IP; past it handshakes get 429.
@@ -326,7 +328,7 @@ impl Default for ConnectionsSection {
 /// `messages.rate`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RateSpec {
+pub(crate) struct RateSpec {
     /// Messages admitted per window.
     pub max: Located<CountSpec>,
     /// The window's length.
@@ -339,7 +341,7 @@ pub struct RateSpec {
 /// One message type a client may send.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TypeSpec {
+pub(crate) struct TypeSpec {
     /// JSON Schema file in `schemas/` the whole message must match.
     pub schema: Located<String>,
     /// CEL over `claims`, `conn`, `message`, `now`: the message is refused when false.
@@ -349,7 +351,7 @@ pub struct TypeSpec {
 /// `messages`: what clients may send.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
-pub struct MessagesSection {
+pub(crate) struct MessagesSection {
     /// Largest message in bytes (fragments count as a whole); larger closes with 1009.
     pub max_bytes: Located<SizeSpec>,
     /// Deepest JSON nesting accepted.
@@ -389,7 +391,7 @@ fn window(max: u64, per: &str) -> WindowSpec {
 }
 
 /// A default value: it was written nowhere.
-pub fn unlocated<T>(value: T) -> Located<T> {
+pub(crate) fn unlocated<T>(value: T) -> Located<T> {
     Located { value, line: 0, col: 0 }
 }
 

@@ -8,17 +8,18 @@
 //! rules, user id, limits; then the message, if any.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
+use wsgate_grammar::junit::JunitWriter;
 
-use super::decision::{ConnContext, ConnInfo, MessageRefusal, RequestInfo};
+use super::compiled::Policy;
+use super::decision::{ConnContext, ConnInfo, MessageRefusal, RequestInfo, Scheme};
+use super::error::PolicyError;
 use super::model::Located;
 use super::source::SourceFile;
-use super::{Policy, PolicyError};
 use crate::close::{ErrorCode, STATUS_FORBIDDEN, STATUS_UNAUTHORIZED};
 
 /// A test file.
@@ -56,6 +57,8 @@ fn empty_object() -> serde_json::Value {
 #[serde(deny_unknown_fields)]
 struct RequestSpec {
     ip: Option<IpAddr>,
+    /// `ws` or `wss`; a production client by default.
+    scheme: Option<Scheme>,
     origin: Option<String>,
     path: Option<String>,
     #[serde(default)]
@@ -146,52 +149,29 @@ impl Report {
         for c in &self.cases {
             by_file.entry(&c.file).or_default().push(c);
         }
-        let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        let _ = writeln!(
-            xml,
-            "<testsuites name=\"wsgate policy test\" tests=\"{}\" failures=\"{}\">",
-            self.cases.len(),
-            self.failed()
-        );
+        let mut xml = JunitWriter::new(' ');
+        let (total, failed) = (self.cases.len().to_string(), self.failed().to_string());
+        xml.open(0, "testsuites", &[("name", "wsgate policy test"), ("tests", &total), ("failures", &failed)]);
         for (file, cases) in by_file {
-            let failures = cases.iter().filter(|c| c.failure.is_some()).count();
-            let _ = writeln!(
-                xml,
-                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\">",
-                xml_escape(file),
-                cases.len()
-            );
+            let failures = cases.iter().filter(|c| c.failure.is_some()).count().to_string();
+            let tests = cases.len().to_string();
+            xml.open(1, "testsuite", &[("name", file), ("tests", &tests), ("failures", &failures)]);
             for c in cases {
-                let _ =
-                    write!(xml, "    <testcase classname=\"{}\" name=\"{}\"", xml_escape(file), xml_escape(&c.name));
+                let attrs = [("classname", file), ("name", c.name.as_str())];
                 match &c.failure {
-                    None => xml.push_str("/>\n"),
+                    None => xml.leaf(2, "testcase", &attrs, None),
                     Some(f) => {
-                        let _ = writeln!(xml, ">\n      <failure message=\"{}\"/>\n    </testcase>", xml_escape(f));
+                        xml.open(2, "testcase", &attrs);
+                        xml.leaf(3, "failure", &[("message", f)], None);
+                        xml.close(2, "testcase");
                     }
                 }
             }
-            xml.push_str("  </testsuite>\n");
+            xml.close(1, "testsuite");
         }
-        xml.push_str("</testsuites>\n");
-        xml
+        xml.close(0, "testsuites");
+        xml.finish()
     }
-}
-
-fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => out.push(' '),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Runs every case of `tests`. A test file that does not parse is an error (not a failed case):
@@ -204,7 +184,7 @@ pub fn run(policy: &Arc<Policy>, tests: &[SourceFile]) -> Result<Report, Vec<Pol
             Ok(t) => t,
             Err(e) => {
                 let (line, col) = e.location().map_or((0, 0), |l| (l.line() as usize, l.column() as usize));
-                let message = super::compile::yaml_message(&e);
+                let message = super::error::yaml_message(&e);
                 errors.push(PolicyError { file: file.name.clone(), line, col, path: String::new(), message });
                 continue;
             }
@@ -265,6 +245,7 @@ fn observe(policy: &Arc<Policy>, case: &Case, now: SystemTime) -> Observed {
     let r = &case.request;
     let request = RequestInfo {
         ip: r.ip.unwrap_or(IpAddr::from([203, 0, 113, 10])),
+        scheme: r.scheme.unwrap_or(Scheme::Wss),
         origin: r.origin.clone(),
         path: r.path.clone().unwrap_or_else(|| "/ws".into()),
         query: r.query.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),

@@ -183,10 +183,10 @@ impl TestRedis {
         }
     }
 
-    pub fn topology(&self) -> wsgate::cluster::Topology {
+    pub fn topology(&self) -> wsgate::broker::redis::Topology {
         match self {
-            TestRedis::Server(_) => wsgate::cluster::Topology::Server,
-            TestRedis::Cluster(_) => wsgate::cluster::Topology::Cluster,
+            TestRedis::Server(_) => wsgate::broker::redis::Topology::Server,
+            TestRedis::Cluster(_) => wsgate::broker::redis::Topology::Cluster,
         }
     }
 
@@ -199,8 +199,8 @@ impl TestRedis {
     }
 
     /// A connection for the test's own commands (routed by key on a cluster).
-    pub async fn connection(&self) -> wsgate::cluster::link::Commands {
-        let link = wsgate::cluster::link::Link::open(&self.url(), self.topology()).unwrap();
+    pub async fn connection(&self) -> wsgate::broker::redis::link::Commands {
+        let link = wsgate::broker::redis::link::Link::open(&self.url(), self.topology()).unwrap();
         link.commands().unwrap()
     }
 
