@@ -127,8 +127,12 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, gw: 
             return;
         }
         ("GET", "/readyz") => match gw.lifecycle.phase() {
-            Phase::Running if gw.broker.redis_away() => reply(503, json!({"status": "redis_unavailable"})),
+            Phase::Running if gw.broker.redis_away() && !gw.options.ready_without_redis => {
+                reply(503, json!({"status": "redis_unavailable"}))
+            }
+            Phase::Running if gw.broker.redis_away() => reply(200, json!({"status": "ready", "redis": "unavailable"})),
             Phase::Running => reply(200, json!({"status": "ready"})),
+            Phase::Leaving => reply(503, json!({"status": "leaving"})),
             Phase::Draining => reply(503, json!({"status": "draining"})),
             Phase::Closed => reply(503, json!({"status": "closed"})),
         },

@@ -31,6 +31,9 @@ pub struct GatewayOptions {
     /// Which peers are proxies, and how they name the client (none by default: every peer is
     /// its own client).
     pub proxies: Proxies,
+    /// `--ready-without-redis`: `/readyz` stays 200 while Redis is away (the instance serves its
+    /// own clients meanwhile); by default it answers 503 then (SPEC §6).
+    pub ready_without_redis: bool,
 }
 
 impl GatewayOptions {
@@ -43,6 +46,7 @@ impl GatewayOptions {
             revocation_ttl: DEFAULT_REVOCATION_TTL,
             policy_dir: None,
             proxies: Proxies::default(),
+            ready_without_redis: false,
         }
     }
 }

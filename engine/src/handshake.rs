@@ -20,7 +20,6 @@ use crate::close::Refusal;
 use crate::decisions;
 use crate::gateway::Gateway;
 use crate::http::{self, ReadError, Request};
-use crate::lifecycle::Phase;
 use crate::limits::per_ip::IpSlot;
 use crate::policy::decision::Denial;
 use crate::policy::{ConnLimits, Policy, RequestInfo};
@@ -180,7 +179,7 @@ pub async fn check(gw: &Gateway, request: &Request, client: &Client, now: Instan
     if request.method != "GET" {
         return Err(Refusal::BadRequest("a WebSocket upgrade is a GET").into());
     }
-    if gw.lifecycle.phase() != Phase::Running {
+    if !gw.lifecycle.phase().serves() {
         return Err(Refusal::Unavailable("the server is shutting down").into());
     }
     let ws_key = upgrade_key(request)?;

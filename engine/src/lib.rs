@@ -13,6 +13,7 @@ pub mod broker;
 pub mod cli;
 pub mod close;
 pub(crate) mod decisions;
+pub(crate) mod drain;
 pub mod gateway;
 pub(crate) mod handshake;
 pub(crate) mod http;

@@ -1,5 +1,7 @@
-//! Where the server is in its life: running → draining → closed, never back. The accept loop and
-//! the admin API move it on; every connection watches it, and leaving `Running` closes them.
+//! Where the server is in its life: running → leaving → draining → closed, never back. The accept
+//! loop moves it on; the handshake, the admin API and every connection watch it. Leaving only
+//! turns `/readyz` to 503 (`--drain-delay`); the drain closes the clients, paced
+//! ([`crate::drain`]); once closed, what is left ends.
 
 use tokio::sync::watch;
 
@@ -8,11 +10,21 @@ use tokio::sync::watch;
 pub enum Phase {
     /// Accepting and serving.
     Running,
-    /// Shutting down: new handshakes get 503, every client is sent 1001, and the server waits
-    /// (up to the drain timeout) for their close handshakes.
+    /// A shutdown was asked for and `--drain-delay` has not passed: `/readyz` answers 503 so a
+    /// load balancer stops sending new clients, while everything else goes on as in `Running`.
+    Leaving,
+    /// Shutting down: new handshakes get 503, every client is sent 1001 (paced), and the server
+    /// waits (up to the drain timeout) for their close handshakes.
     Draining,
     /// The drain is over: what is left is dropped and the process exits.
     Closed,
+}
+
+impl Phase {
+    /// Whether new clients are admitted and live ones served as ever.
+    pub fn serves(self) -> bool {
+        matches!(self, Phase::Running | Phase::Leaving)
+    }
 }
 
 /// The current phase, watched by every session.

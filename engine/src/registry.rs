@@ -38,6 +38,12 @@ impl Mailbox {
         self.ready.notify_one();
     }
 
+    /// The instruction waiting, if any, left in place.
+    #[cfg(test)]
+    pub(crate) fn peek(&self) -> Option<Instruction> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The next instruction. Cancel-safe: it is taken only in the poll that returns it.
     pub async fn recv(&self) -> Instruction {
         loop {
@@ -130,6 +136,12 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// The mailbox of every live session, as of now.
+    pub fn mailboxes(&self) -> Vec<Arc<Mailbox>> {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.values().flatten().map(|e| e.mailbox.clone()).collect()
     }
 
     /// Live sessions of `user`.

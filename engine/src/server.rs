@@ -31,7 +31,7 @@ use crate::limits::handshaking::HandshakeSlot;
 use crate::limits::upkeep;
 use crate::proxy::protocol;
 use crate::tls::Tls;
-use crate::{admin, session};
+use crate::{admin, drain, session};
 
 /// The sockets a server listens on.
 pub struct Listeners {
@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long shutdown waits for clients to finish their close handshakes.
     pub drain_timeout: Duration,
+    /// How long after the shutdown signal everything goes on but `/readyz` (503), before the
+    /// drain starts (`--drain-delay`).
+    pub drain_delay: Duration,
     /// TLS for the public listener (`wss://`); `None` serves plaintext.
     pub tls: Option<Arc<Tls>>,
     /// Most connections in their handshake at once, over every address; more are closed at
@@ -61,14 +64,17 @@ impl Default for ServeOptions {
         ServeOptions {
             max_connections: 50_000,
             drain_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
             tls: None,
             max_handshakes: crate::limits::handshaking::DEFAULT_MAX_TOTAL,
         }
     }
 }
 
-/// Serves until `shutdown` completes, then drains: every client is sent 1001, new handshakes
-/// get 503, and the call returns when all connections are gone or the drain timeout passed.
+/// Serves until `shutdown` completes; then, for `drain_delay`, goes on serving with `/readyz` at
+/// 503; then drains: new handshakes get 503, every client is sent 1001 (paced, see
+/// [`crate::drain`]), and the call returns when all connections are gone or the drain timeout
+/// passed.
 pub async fn serve(
     listeners: Listeners,
     gw: Arc<Gateway>,
@@ -80,20 +86,17 @@ pub async fn serve(
     gw.limits.handshaking.set_max_total(options.max_handshakes);
     let admin = tokio::spawn(admin::serve(listeners.admin, gw.clone()));
     let upkeep = tokio::spawn(upkeep::run(gw.limits.clone(), gw.policy.clone()));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = cap.clone().acquire_owned() => permit.expect("the connection cap is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = accept(&listeners.ws) => accepted,
-        };
-        spawn_connection(stream, peer, &gw, &options, permit, Some(done_tx.clone()));
+    let accepting = Accepting { listener: &listeners.ws, cap: &cap, gw: &gw, options: &options, done: &done_tx };
+    accepting.until(shutdown).await;
+    if !options.drain_delay.is_zero() {
+        tracing::info!(delay = ?options.drain_delay, "shutting down: /readyz answers 503, serving on until the drain delay has passed");
+        gw.lifecycle.set(Phase::Leaving);
+        accepting.until(tokio::time::sleep(options.drain_delay)).await;
     }
     tracing::info!("shutting down: draining connections");
     gw.lifecycle.set(Phase::Draining);
+    // Listed after the phase changed: a session that starts later closes by itself.
+    let closing = tokio::spawn(drain::close_all(gw.registry.clone(), options.drain_timeout));
     drop(done_tx);
     // While clients finish their close handshakes, new ones still get an answer: 503.
     let drained = timeout(options.drain_timeout, done_rx.recv());
@@ -114,11 +117,40 @@ pub async fn serve(
             }
         }
     }
+    closing.abort();
     drop(listeners.ws);
     gw.lifecycle.set(Phase::Closed);
     admin.abort();
     upkeep.abort();
     Ok(())
+}
+
+/// The accept loop of a serving server: each connection waits for a permit of the cap, then is
+/// accepted and run in its own task, holding a clone of the drain's `done` sender.
+struct Accepting<'a> {
+    listener: &'a TcpListener,
+    cap: &'a Arc<Semaphore>,
+    gw: &'a Arc<Gateway>,
+    options: &'a ServeOptions,
+    done: &'a mpsc::Sender<()>,
+}
+
+impl Accepting<'_> {
+    /// Accepts and serves connections until `stop` completes.
+    async fn until(&self, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let permit = tokio::select! {
+                () = &mut stop => return,
+                permit = self.cap.clone().acquire_owned() => permit.expect("the connection cap is never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                () = &mut stop => return,
+                accepted = accept(self.listener) => accepted,
+            };
+            spawn_connection(stream, peer, self.gw, self.options, permit, Some(self.done.clone()));
+        }
+    }
 }
 
 /// Runs one accepted connection in its own task, holding its `permit` of the connection cap

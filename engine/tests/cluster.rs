@@ -281,6 +281,11 @@ async fn an_instance_started_while_redis_is_down_waits_for_it(mut redis: TestRed
     let mut alice = connect(&a, &token("alice", HOUR, &[])).await;
     let (status, _) = admin(&a, "GET", "/readyz", "").await;
     assert_eq!(status, 503, "not ready without Redis");
+    // Unless told to stay ready: it serves its own clients meanwhile.
+    let options = GatewayOptions { ready_without_redis: true, ..GatewayOptions::new("ready") };
+    let ready = Gateway::with_redis(policy(same), options, &redis.url(), redis.topology()).unwrap();
+    let (status, body) = admin(&ready, "GET", "/readyz", "").await;
+    assert_eq!((status, body), (200, json!({"status": "ready", "redis": "unavailable"})));
     let local = publish(&a, "alerts", json!("local")).await;
     assert_eq!(next_json(&mut alice).await["id"], local.as_str(), "serving locally meanwhile");
 

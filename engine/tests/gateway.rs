@@ -405,14 +405,22 @@ async fn handshake_statuses_and_bodies() {
     let (_ws, response) = tokio_tungstenite::client_async(request, client).await.unwrap();
     let answered: Vec<_> = response.headers().get_all("sec-websocket-protocol").iter().collect();
     assert_eq!(answered, vec!["wsgate.v1"]);
-    // Draining: new handshakes get 503, live clients 1001.
+    // Leaving (the drain delay): still admitted. Draining: new handshakes get 503, while live
+    // clients are served until the drain closes them (paced, server::serve); once the drain is
+    // over, 1001.
     let mut live =
         connect_from(&gw, &format!("/ws?token={}", token("bob", HOUR, &[])), "127.0.0.1:3", &[]).await.unwrap();
     assert_eq!(next_json(&mut live).await["type"], "welcome");
+    gw.lifecycle.set(Phase::Leaving);
+    let admitted = connect_from(&gw, &format!("/ws?token={}", token("carol", HOUR, &[])), "127.0.0.1:4", &[]).await;
+    assert!(admitted.is_ok(), "admitted while leaving: {:?}", admitted.err());
     gw.lifecycle.set(Phase::Draining);
-    assert_eq!(close_code(&mut live).await, Some(1001));
     let refused = connect_from(&gw, &format!("/ws?token={good}"), "127.0.0.1:4", &[]).await.unwrap_err();
     assert_eq!((refused.status, refused.body["error"].as_str()), (503, Some("unavailable")));
+    send(&mut live, json!({"type": "ping", "id": "draining"})).await;
+    assert_eq!(next_json(&mut live).await, json!({"type": "pong", "ref": "draining"}), "still served while draining");
+    gw.lifecycle.set(Phase::Closed);
+    assert_eq!(close_code(&mut live).await, Some(1001));
 }
 
 #[tokio::test]

@@ -169,8 +169,12 @@ struct Lingering {
 }
 
 async fn with_a_lingering_client(drain_timeout: &str) -> Lingering {
+    with_a_lingering_client_and(&["--drain-timeout", drain_timeout]).await
+}
+
+async fn with_a_lingering_client_and(more: &[&str]) -> Lingering {
     let dir = common::default_policy_dir();
-    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap(), "--drain-timeout", drain_timeout]].concat();
+    let args = [&EPHEMERAL[..], &["--policies", dir.to_str().unwrap()], more].concat();
     let mut child = spawn(serve(&args, Some(common::SECRET)));
     let (lines, stdout) = first_lines(&mut child, 1);
     let mut addrs = lines[0].split_whitespace().skip(2);
@@ -211,6 +215,78 @@ async fn while_draining_new_handshakes_get_503_and_the_process_exits_0() {
     drop(lingering);
     let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert_eq!(exit.code(), Some(0));
+}
+
+/// `GET path` on the admin listener: the status line's code and the body.
+async fn admin_get(admin: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer).await.unwrap();
+    let code = answer.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// The next text frame of `ws`, by `deadline`.
+async fn next_text(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, within: Duration) -> String {
+    loop {
+        match tokio::time::timeout(within, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no text frame: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_a_drain_delay_readyz_is_503_at_once_while_clients_are_still_served() {
+    use futures_util::SinkExt;
+    let delay = Duration::from_secs(3);
+    let Lingering { mut child, ws_addr, admin_addr, client: mut alice, .. } =
+        with_a_lingering_client_and(&["--drain-timeout", "10s", "--drain-delay", "3s"]).await;
+    assert!(next_text(&mut alice, Duration::from_secs(5)).await.contains("\"welcome\""));
+    assert_eq!(admin_get(&admin_addr, "/readyz").await.0, 200);
+    let signalled = tokio::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    loop {
+        let (code, body) = admin_get(&admin_addr, "/readyz").await;
+        if code == 503 {
+            assert!(body.contains("\"leaving\""), "{body}");
+            break;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(2), "/readyz did not turn 503 at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Within the delay: a new client is admitted, and a live one is answered.
+    let token = wsgate::token::mint(
+        common::SECRET.as_bytes(),
+        "bob",
+        Duration::from_secs(600),
+        &[],
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(&ws_addr).await.unwrap();
+    let (mut bob, _) =
+        tokio_tungstenite::client_async(format!("ws://{ws_addr}/ws?token={token}").as_str(), tcp).await.unwrap();
+    assert!(next_text(&mut bob, Duration::from_secs(5)).await.contains("\"welcome\""));
+    alice.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+    assert!(next_text(&mut alice, Duration::from_secs(5)).await.contains("\"pong\""));
+    assert!(signalled.elapsed() < delay, "the checks above ran within the delay");
+    // Then the drain: 1001, no sooner than the delay.
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(15), alice.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1001));
+    assert!(signalled.elapsed() >= delay, "closed {:?} after the signal", signalled.elapsed());
+    drop((alice, bob));
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use duration::Dur;
 use measure::fleet::FleetOptions;
-use measure::{drain, fanout, memory, reload_latency};
+use measure::{drain, fanout, memory, reload_latency, rolling};
 use process::supervisor;
 use report::CaseResult;
 use runner::ctx::RunConfig;
@@ -95,6 +95,26 @@ enum Command {
         /// The server's --drain-timeout (`500ms`, `10s`, `1m`).
         #[arg(long, default_value = "10s", value_parser = parse_dur)]
         drain_timeout: Dur,
+        /// The policy directory to start from (default: the repository's `policies/`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+    /// Measure a rolling restart: N clients on the first of two instances over Redis; SIGTERM
+    /// it, every client reconnects to the second at once (retrying when refused); prints the
+    /// peak handshakes per second the second instance saw, and fails when a client is lost.
+    RollingRestart {
+        /// How many clients (distinct users), all on the instance that stops.
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        /// The wsgate binary (default: $WSGATE_BIN, else `wsgate` next to this executable).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// The stopping instance's --drain-timeout.
+        #[arg(long, default_value = "10s", value_parser = parse_dur)]
+        drain_timeout: Dur,
+        /// More arguments for the stopping instance, e.g. `--extra=--drain-delay=2s`.
+        #[arg(long = "extra", allow_hyphen_values = true)]
+        extra: Vec<String>,
         /// The policy directory to start from (default: the repository's `policies/`).
         #[arg(long)]
         policies: Option<PathBuf>,
@@ -360,6 +380,14 @@ fn main() -> ExitCode {
             }
             Command::DrainTime { connections, bin, drain_timeout, policies } => {
                 drain_time(connections, drain_timeout, measured(bin, policies)?).await
+            }
+            Command::RollingRestart { clients, bin, drain_timeout, extra, policies } => {
+                let (bin, policies) = measured(bin, policies)?;
+                let opts =
+                    rolling::RollingOptions { bin, policies, clients, drain_timeout: drain_timeout.0, args: extra };
+                let m = rolling::measure(&opts).await?;
+                println!("{}", m.summary());
+                Ok(m.lost == 0)
             }
             Command::ReloadLatency { saves, bin, max_p99, policies } => {
                 reload_latency(saves, max_p99, measured(bin, policies)?).await

@@ -68,6 +68,15 @@ pub struct ServeArgs {
     /// How long shutdown waits for clients' close handshakes.
     #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
     pub drain_timeout: Duration,
+    /// On SIGTERM, how long `/readyz` answers 503 while everything else goes on (clients
+    /// served, new handshakes accepted), so a load balancer stops sending new clients before
+    /// the drain starts. Set it to the balancer's probe period times its failure threshold.
+    #[arg(long, env = "WSGATE_DRAIN_DELAY", default_value = "0s", value_parser = parse_ttl)]
+    pub drain_delay: Duration,
+    /// Keep `/readyz` at 200 while Redis is away (this instance still serves its own clients;
+    /// deliveries from other instances and shared limits wait for Redis). Default: 503.
+    #[arg(long, env = "WSGATE_READY_WITHOUT_REDIS", value_parser = BoolishValueParser::new())]
+    pub ready_without_redis: bool,
     /// How long a token revocation (`/v1/disconnect` with `revoke_tokens`) lasts: set it to the
     /// longest lifetime of the tokens you issue.
     #[arg(long, env = "WSGATE_REVOCATION_TTL", default_value = "24h", value_parser = parse_ttl)]
@@ -210,6 +219,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         revocation_ttl: args.revocation_ttl,
         policy_dir: Some(PolicyDir { dir: args.policies.clone(), secrets }),
         proxies,
+        ready_without_redis: args.ready_without_redis,
     };
     if gateway_options.admin_token.is_none() {
         tracing::info!("WSGATE_ADMIN_TOKEN is not set: state-changing admin calls answer 403");
@@ -273,6 +283,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             ServeOptions {
                 max_connections: args.max_connections,
                 drain_timeout: args.drain_timeout,
+                drain_delay: args.drain_delay,
                 tls,
                 max_handshakes: args.max_handshakes,
             };

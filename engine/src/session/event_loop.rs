@@ -189,8 +189,9 @@ where
     /// The loop: wait for the next event, let its handler decide, then publish, write and
     /// close as it said.
     pub(super) async fn serve(&mut self) -> Ended {
-        // A session opened just as the drain began has already "seen" the new phase.
-        if *self.phase.borrow() != Phase::Running {
+        // A session opened just as the drain began has already "seen" the new phase, and is
+        // not among those the drain closes (it takes its list after the phase changed).
+        if !self.phase.borrow().serves() {
             let (code, reason) = Ending::ShuttingDown.close();
             return self.close(code, &reason).await;
         }
@@ -260,9 +261,11 @@ where
         }
     }
 
+    /// The server's phase moved on. The drain closes live sessions itself, paced
+    /// ([`crate::drain`]), so only the end of the drain (or of the server) closes one here.
     pub(super) fn on_phase(&mut self, open: bool) -> Step {
         self.phase_open = open;
-        if !open || *self.phase.borrow_and_update() != Phase::Running {
+        if !open || *self.phase.borrow_and_update() == Phase::Closed {
             return Ending::ShuttingDown.into();
         }
         Step::Continue

@@ -28,7 +28,7 @@ use crate::wire::http::{self, HttpRequest};
 /// The channel every connection is subscribed to from the start (SPEC §4).
 const CHANNEL: &str = "alerts";
 /// How long instances with Redis may take to report ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub(crate) struct FanoutOptions {
@@ -253,7 +253,7 @@ async fn collect(mut conn: Connection, t0: Instant, messages: usize, mut stop: w
 }
 
 /// Waits until `GET /readyz` on `admin` answers 200 (Redis connected), up to `deadline`.
-async fn wait_ready(admin: SocketAddr, deadline: Instant) -> Result<(), String> {
+pub(crate) async fn wait_ready(admin: SocketAddr, deadline: Instant) -> Result<(), String> {
     let req = HttpRequest { method: "GET", path: "/readyz", headers: Vec::new(), body: None };
     loop {
         let last = match http::send(admin, None, &req, Duration::from_secs(2)).await {
