@@ -31,13 +31,22 @@ pub(crate) struct FleetOptions {
 /// Opens one authenticated connection (token in the `Authorization` header) and waits for its
 /// welcome. The connection keeps reading, so it answers pings and close frames.
 pub(crate) async fn open_one(addr: std::net::SocketAddr, token: String) -> Result<Connection, String> {
+    open_one_from(addr, &token, None).await
+}
+
+/// [`open_one`] from the source address `from` (another loopback address is another client).
+pub(crate) async fn open_one_from(
+    addr: std::net::SocketAddr,
+    token: &str,
+    from: Option<std::net::IpAddr>,
+) -> Result<Connection, String> {
     let handshake = Handshake {
         addr,
         path_and_query: "/ws".into(),
         headers: vec![("Authorization".into(), format!("Bearer {token}"))],
         timeout: Duration::from_secs(20),
         tls: None,
-        from: None,
+        from,
     };
     match client::connect(&handshake, ReadMode::Reading).await? {
         Outcome::Refused { status, body, .. } => {

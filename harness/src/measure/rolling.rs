@@ -17,7 +17,7 @@ use crate::measure::fanout::{READY_TIMEOUT, wait_ready};
 use crate::measure::fleet::{self, mint_valid};
 use crate::process::redis_server::{self, RedisServer};
 use crate::process::supervisor::{Credentials, Redactor};
-use crate::wire::client::{self, Connection, Event, Handshake, Outcome, ReadMode};
+use crate::wire::client::{Connection, Event};
 
 /// Loopback source addresses the clients are spread over (127.0.0.2 …), so the per-address
 /// handshake cap of one address is not what the figure measures.
@@ -109,18 +109,7 @@ impl Mover {
         let since = |t: Instant| signalled.get().map_or(Duration::ZERO, |s| t.saturating_duration_since(*s));
         let mut refused = 0;
         while Instant::now() < give_up {
-            let handshake = Handshake {
-                addr: self.b,
-                path_and_query: "/ws".into(),
-                headers: vec![("Authorization".into(), format!("Bearer {}", self.token))],
-                timeout: Duration::from_secs(10),
-                tls: None,
-                from: Some(self.from),
-            };
-            if let Ok(Outcome::Accepted { mut conn, .. }) = client::connect(&handshake, ReadMode::Reading).await
-                && let Some(Event::Text(t)) = conn.next_event(Instant::now() + Duration::from_secs(10)).await
-                && t.contains("\"welcome\"")
-            {
+            if let Ok(conn) = fleet::open_one_from(self.b, &self.token, Some(self.from)).await {
                 return (Some(since(closed)), Some(since(Instant::now())), refused, Some(conn));
             }
             refused += 1;
@@ -161,23 +150,8 @@ pub(crate) async fn measure(opts: &RollingOptions) -> Result<RollingMeasurement,
         let (addr, gate) = (a.ws_addr, Arc::clone(&gate));
         opening.spawn(async move {
             let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
-            let handshake = Handshake {
-                addr,
-                path_and_query: "/ws".into(),
-                headers: vec![("Authorization".into(), format!("Bearer {token}"))],
-                timeout: Duration::from_secs(20),
-                tls: None,
-                from: Some(from),
-            };
-            match client::connect(&handshake, ReadMode::Reading).await? {
-                Outcome::Accepted { mut conn, .. } => {
-                    match conn.next_event(Instant::now() + Duration::from_secs(20)).await {
-                        Some(Event::Text(t)) if t.contains("\"welcome\"") => Ok((conn, token, from)),
-                        other => Err(format!("client {i}: no welcome: {:?}", other.map(|e| e.describe()))),
-                    }
-                }
-                Outcome::Refused { status, .. } => Err(format!("client {i}: refused with {status}")),
-            }
+            let conn = fleet::open_one_from(addr, &token, Some(from)).await.map_err(|e| format!("client {i}: {e}"))?;
+            Ok::<_, String>((conn, token, from))
         });
     }
     while let Some(joined) = opening.join_next().await {
